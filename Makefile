@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine (see README):
+#   make demo   venv + install + the mini pipeline on generated data
+#   make test   venv + install + the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.simsiam-transfer-installed
+# Exactly these builds lie on the CI machines' disk; other versions are multi-GB downloads.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+DEMO_DIR ?= runs/demo
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml simsiam_transfer/install_detectron2.py simsiam_transfer/detectron2_C_shim.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade "pip>=23" "setuptools>=64,<81" wheel
+	$(BIN)/python -m pip install -q $(TORCH_PINS)
+	$(BIN)/python -m simsiam_transfer.install_detectron2
+	$(BIN)/python -m pip install -q $(TORCH_PINS) -e ".[test]"
+	$(BIN)/simsiam-transfer doctor
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/simsiam-transfer pipeline --config pipeline/mini.yaml OUTPUT_DIR $(DEMO_DIR)
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,68 @@
+"""``simsiam-transfer convert INPUT OUTPUT``: the conversion pipeline and its printed summary."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+from convert.d2_format import detectron2_payload, write_detectron2_pkl
+from convert.rename import rename_state_dict
+from convert.sources import extract_backbone
+from convert.verify import near_identity_warnings, residual_scale_stats, verify_detectron2_payload
+from simsiam_transfer import atomic
+from simsiam_transfer.errors import UserError
+
+
+def report_path(output):
+    return Path(f"{output}.report.json")
+
+
+def convert_checkpoint(input_path, output_path, fmt="detectron2", source="auto", verify=True):
+    """Convert, verify, then write OUTPUT and ``OUTPUT.report.json``; returns the report dict."""
+    if Path(input_path).resolve() == Path(output_path).resolve():
+        raise UserError(f"{output_path}: output would overwrite the input checkpoint")
+    backbone, info = extract_backbone(input_path, source)
+    stats = residual_scale_stats(backbone, info["block"])
+    report = {
+        "input": str(input_path), "output": str(output_path), "format": fmt, **info,
+        "tensors": len(backbone), "residual_bn_scale": stats,
+        "warnings": near_identity_warnings(stats), "verification": None,
+    }
+    if fmt == "detectron2":
+        payload = detectron2_payload(rename_state_dict(backbone))
+        if not verify:
+            report["verification"] = "disabled (--no-verify)"
+        elif importlib.util.find_spec("detectron2") is None:
+            report["verification"] = "skipped: detectron2 is not importable"
+        else:
+            report["verification"] = verify_detectron2_payload(payload, backbone, info["depth"])
+        write_detectron2_pkl(output_path, payload)
+    else:
+        report["verification"] = "torchvision format: checked against torchvision ResNet shapes"
+        atomic.torch_save(backbone, output_path)
+    atomic.write_json(report_path(output_path), report)
+    return report
+
+
+def print_summary(report, out=sys.stdout, err=sys.stderr):
+    print(f"source:     {report['source']} (ResNet-{report['depth']}, {report['block']} blocks)", file=out)
+    print(f"converted:  {report['tensors']} backbone tensors -> {report['format']} names", file=out)
+    dropped = ", ".join(f"{g}: {n}" for g, n in sorted(report["dropped"].items())) or "nothing"
+    print(f"dropped:    {dropped}", file=out)
+    ver = report["verification"]
+    if isinstance(ver, dict):
+        print("verified:   detectron2 C4 model loaded every backbone+res5 tensor from the file, none unused; "
+              f"res4/res5 match torchvision (relative diff {ver['res4']['relative_diff']:.1e} / "
+              f"{ver['res5']['relative_diff']:.1e})", file=out)
+    else:
+        print(f"verified:   {ver}", file=out)
+    scales = ", ".join(f"{s} {v['mean']:.3f}" for s, v in report["residual_bn_scale"].items())
+    print(f"residual BN scale (mean |gamma| of each branch's last BN): {scales}", file=out)
+    for warning in report["warnings"]:
+        print(f"WARNING: {warning}", file=err)
+    print(f"wrote:      {report['output']} (+ {report_path(report['output']).name})", file=out)
+
+
+def convert_command(args):
+    report = convert_checkpoint(args.input, args.output, args.format, args.source, not args.no_verify)
+    print_summary(report)
+    return 0

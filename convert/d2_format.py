@@ -1,0 +1,69 @@
+"""detectron2's pickle format for weights: ``{"model": {name: ndarray}, "__author__", "matching_heuristics"}``.
+
+Writing uses ``pickle``; reading uses an unpickler that only rebuilds numpy arrays and plain
+containers, so a foreign ``.pkl`` cannot execute code while we inspect it.
+"""
+
+import io
+import pickle
+
+import numpy as np
+
+from simsiam_transfer import atomic
+from simsiam_transfer.errors import UserError
+
+AUTHOR = "simsiam-transfer"
+
+_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def read_detectron2_pkl(path):
+    """Return the ``model`` dict of a detectron2 .pkl, refusing anything but arrays."""
+    try:
+        with open(path, "rb") as f:
+            data = _ArraysOnlyUnpickler(io.BufferedReader(f), encoding="latin1").load()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    except pickle.UnpicklingError as exc:
+        raise UserError(f"{path}: not a detectron2 weights file of plain arrays ({exc})") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+        raise UserError(f"{path}: truncated or corrupt pickle ({type(exc).__name__}); convert it again") from None
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or not model:
+        raise UserError(f"{path}: no 'model' weights dict; produce it with `simsiam-transfer convert`")
+    bad = [k for k, v in model.items() if not isinstance(v, np.ndarray)]
+    if bad:
+        raise UserError(f"{path}: entries that are not arrays, e.g. {bad[0]!r}")
+    return data
+
+
+def detectron2_payload(d2_state):
+    """The dict detectron2's checkpointer reads, from detectron2-named tensors."""
+    return {
+        "model": {k: v.detach().cpu().numpy() for k, v in d2_state.items()},
+        "__author__": AUTHOR,
+        "matching_heuristics": True,
+    }
+
+
+def write_detectron2_pkl(path, payload):
+    with atomic.atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            pickle.dump(payload, f, protocol=4)

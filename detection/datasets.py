@@ -1,0 +1,135 @@
+"""Dataset names for fine-tuning: the standard VOC/COCO names under a data root, and a YAML catalog.
+
+Standard names (resolved under ``--data-root`` or ``$DETECTRON2_DATASETS``, default ``datasets``)::
+
+    voc_2007_trainval, voc_2007_test  -> <root>/VOC2007       (VOC07 11-point metric)
+    voc_2012_trainval                 -> <root>/VOC2012
+    coco_2017_train, coco_2017_val    -> <root>/coco/annotations/instances_{train,val}2017.json
+                                         and <root>/coco/{train,val}2017/
+
+They replace detectron2's built-in registrations of the same names, so VOC is read by
+this project's reader (``detection.voc``). A catalog (``--datasets FILE``, format in
+CONTRACTS.md) adds or overrides names.
+"""
+
+import os
+from pathlib import Path
+
+import yaml
+
+from detection.voc import VOC_CLASSES, load_voc_instances
+from simsiam_transfer.errors import UserError
+
+STANDARD_VOC = {
+    "voc_2007_trainval": ("VOC2007", "trainval", 2007),
+    "voc_2007_test": ("VOC2007", "test", 2007),
+    "voc_2012_trainval": ("VOC2012", "trainval", 2012),
+}
+STANDARD_COCO = {
+    "coco_2017_train": ("coco/annotations/instances_train2017.json", "coco/train2017"),
+    "coco_2017_val": ("coco/annotations/instances_val2017.json", "coco/val2017"),
+}
+
+
+def resolve_data_root(data_root=None):
+    return Path(data_root or os.environ.get("DETECTRON2_DATASETS", "datasets")).expanduser()
+
+
+def standard_specs(data_root):
+    root = resolve_data_root(data_root)
+    specs = {}
+    for name, (sub, split, year) in STANDARD_VOC.items():
+        specs[name] = {"format": "voc", "root": root / sub, "split": split,
+                       "classes": list(VOC_CLASSES), "year": year}
+    for name, (json_file, image_root) in STANDARD_COCO.items():
+        specs[name] = {"format": "coco", "json": root / json_file, "image_root": root / image_root}
+    return specs
+
+
+def load_catalog(path):
+    """Parse and validate a dataset catalog; relative paths are resolved against its folder."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read dataset catalog ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: dataset catalog is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(doc, dict) or not doc:
+        raise UserError(f"{path}: a dataset catalog is a mapping of name -> description (see CONTRACTS.md)")
+    specs = {}
+    for name, entry in doc.items():
+        where = f"{path}: dataset {name!r}"
+        if not isinstance(entry, dict):
+            raise UserError(f"{where}: expected a mapping with 'format' and its fields")
+        fmt = entry.get("format")
+        required = {"voc": ("root", "split", "classes"), "coco": ("json", "image_root")}.get(fmt)
+        if required is None:
+            raise UserError(f"{where}: format must be 'voc' or 'coco', got {fmt!r}")
+        unknown = set(entry) - set(required) - {"format", "year"}
+        if unknown:
+            raise UserError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {['format', *required, 'year']}")
+        missing = [k for k in required if k not in entry]
+        if missing:
+            raise UserError(f"{where}: missing key(s) {missing}")
+        spec = dict(entry)
+        for key in ("root", "json", "image_root"):
+            if key in spec:
+                spec[key] = (path.parent / Path(str(spec[key])).expanduser()).resolve()
+        if fmt == "voc":
+            classes = spec["classes"]
+            if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+                raise UserError(f"{where}: 'classes' must be a non-empty list of names")
+            spec["year"] = int(spec.get("year", 2007))
+        specs[str(name)] = spec
+    return specs
+
+
+def _replace(name, loader, **metadata):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, loader)
+    MetadataCatalog.get(name).set(**metadata)
+
+
+def register_spec(name, spec):
+    if spec["format"] == "voc":
+        root, split, classes = Path(spec["root"]), spec["split"], list(spec["classes"])
+        _replace(name, lambda: load_voc_instances(root, split, classes),
+                 thing_classes=classes, dirname=str(root), split=split,
+                 year=int(spec.get("year", 2007)), evaluator_type="pascal_voc")
+    else:
+        from detectron2.data.datasets import load_coco_json
+
+        json_file, image_root = str(spec["json"]), str(spec["image_root"])
+        _replace(name, lambda: load_coco_json(json_file, image_root, name),
+                 json_file=json_file, image_root=image_root, evaluator_type="coco")
+
+
+def register_datasets(data_root=None, catalog=None):
+    """Register the standard names and every catalog entry; returns {name: spec}."""
+    specs = standard_specs(data_root)
+    if catalog:
+        specs.update(load_catalog(catalog))
+    for name, spec in specs.items():
+        register_spec(name, spec)
+    return specs
+
+
+def check_dataset_names(names, specs, catalog=None):
+    """Refuse unknown names and missing files before any training starts."""
+    for name in names:
+        if name not in specs:
+            hint = f" or add it to {catalog}" if catalog else " or declare it in a catalog (--datasets FILE)"
+            raise UserError(f"unknown dataset {name!r}: use one of {sorted(specs)}{hint}")
+        spec = specs[name]
+        required = [spec["root"]] if spec["format"] == "voc" else [spec["json"], spec["image_root"]]
+        for path in required:
+            if not Path(path).exists():
+                raise UserError(
+                    f"dataset {name!r}: {path} does not exist; set --data-root / DETECTRON2_DATASETS "
+                    "or fix the catalog path"
+                )

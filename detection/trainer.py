@@ -1,0 +1,54 @@
+"""detectron2's ``DefaultTrainer`` with the protocol's evaluators, a progress bar and our writers."""
+
+import os
+
+from tqdm import tqdm
+
+from detectron2.data import MetadataCatalog
+from detectron2.engine import DefaultTrainer, HookBase
+from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+from detectron2.utils import comm
+from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
+
+from simsiam_transfer.versions import compiled_ops_available
+
+# detectron2's default JSONWriter uses OUTPUT_DIR/metrics.json, which this toolkit reserves
+# for the final evaluation numbers (CONTRACTS.md); training statistics go here instead.
+TRAIN_LOG = "train_log.jsonl"
+
+
+class ProgressBar(HookBase):
+    """A tqdm bar over iterations on the main process."""
+
+    def before_train(self):
+        self._bar = tqdm(total=self.trainer.max_iter, initial=self.trainer.start_iter,
+                         desc="finetune", unit="it", disable=not comm.is_main_process(),
+                         dynamic_ncols=True)
+
+    def after_step(self):
+        self._bar.update(1)
+
+    def after_train(self):
+        self._bar.close()
+
+
+class Trainer(DefaultTrainer):
+    """COCO json sets get ``COCOEvaluator`` (fast C++ path only when compiled), VOC sets the VOC one."""
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
+        if MetadataCatalog.get(dataset_name).get("evaluator_type") == "coco":
+            return COCOEvaluator(dataset_name, output_dir=output_folder,
+                                 use_fast_impl=compiled_ops_available())
+        return PascalVOCDetectionEvaluator(dataset_name)
+
+    def build_writers(self):
+        return [
+            CommonMetricPrinter(self.max_iter),
+            JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, TRAIN_LOG)),
+            TensorboardXWriter(self.cfg.OUTPUT_DIR),
+        ]
+
+    def build_hooks(self):
+        return super().build_hooks() + [ProgressBar()]

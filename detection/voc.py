@@ -1,0 +1,77 @@
+"""Pascal VOC reader: ``<root>/{JPEGImages,Annotations,ImageSets/Main/<split>.txt}`` -> detectron2 dicts.
+
+Semantics follow detectron2's own VOC loader (difficult objects are kept for training and
+flagged; the evaluator ignores them at test time; 1-based pixel indices become 0-based
+XYXY boxes), with an error naming the file for every malformed annotation.
+"""
+
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+from simsiam_transfer.errors import UserError
+
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)
+
+
+def read_split(root, split):
+    path = Path(root) / "ImageSets" / "Main" / f"{split}.txt"
+    if not path.is_file():
+        raise UserError(f"{path}: split file missing; a VOC root needs ImageSets/Main/{split}.txt")
+    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+
+
+def parse_annotation(xml_path):
+    """Return ``(width, height, [ {name, box (xyxy, 0-based), difficult} ])`` of one XML file."""
+    try:
+        tree = ET.parse(xml_path)
+    except (ET.ParseError, OSError) as exc:
+        raise UserError(f"{xml_path}: malformed annotation XML ({exc})") from None
+    try:
+        size = tree.find("size")
+        width, height = int(size.find("width").text), int(size.find("height").text)
+        objects = []
+        for obj in tree.findall("object"):
+            bnd = obj.find("bndbox")
+            x0, y0, x1, y1 = (float(bnd.find(tag).text) for tag in ("xmin", "ymin", "xmax", "ymax"))
+            difficult = obj.find("difficult")
+            objects.append({
+                "name": obj.find("name").text.strip(),
+                "box": [x0 - 1.0, y0 - 1.0, x1, y1],
+                "difficult": int(difficult.text) if difficult is not None else 0,
+            })
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise UserError(f"{xml_path}: annotation lacks a required field or has a non-number ({exc})") from None
+    return width, height, objects
+
+
+def load_voc_instances(root, split, class_names):
+    """detectron2 dataset dicts for one VOC split (difficult objects kept, flagged)."""
+    from detectron2.structures import BoxMode
+
+    root = Path(root)
+    dicts = []
+    for file_id in read_split(root, split):
+        xml_path = root / "Annotations" / f"{file_id}.xml"
+        width, height, objects = parse_annotation(xml_path)
+        annotations = []
+        for obj in objects:
+            if obj["name"] not in class_names:
+                raise UserError(f"{xml_path}: class {obj['name']!r} is not in the dataset's class list")
+            annotations.append({
+                "category_id": class_names.index(obj["name"]),
+                "bbox": obj["box"],
+                "bbox_mode": BoxMode.XYXY_ABS,
+                "difficult": obj["difficult"],
+            })
+        dicts.append({
+            "file_name": str(root / "JPEGImages" / f"{file_id}.jpg"),
+            "image_id": file_id,
+            "height": height,
+            "width": width,
+            "annotations": annotations,
+        })
+    return dicts

@@ -1,0 +1,120 @@
+"""The ``simsiam-transfer`` command: a thin dispatcher; each stage owns its arguments and logic.
+
+Exit status (CONTRACTS.md): 0 success, 2 bad input or usage (one line on stderr, no
+traceback, no partial output), 1 anything else.
+"""
+
+import argparse
+import sys
+
+from simsiam_transfer.errors import UserError
+
+SOURCE_NAMES = ("simsiam-transfer", "simsiam", "moco", "byol", "torchvision")
+
+
+def _doctor(args):
+    from simsiam_transfer.doctor import run_doctor
+
+    return run_doctor(args)
+
+
+def _make_synthetic(args):
+    from simsiam_transfer.synthetic import make_synthetic
+
+    out = make_synthetic(args.out, seed=args.seed, num_train=args.num_train, num_test=args.num_test,
+                         num_unlabeled=args.num_unlabeled, image_size=args.image_size)
+    print(f"wrote generated datasets to {out} (catalog: {out / 'datasets.yaml'})")
+    return 0
+
+
+def _data_check(args):
+    from detection.data_check import data_check_command
+
+    return data_check_command(args)
+
+
+def _convert(args):
+    from convert.command import convert_command
+
+    return convert_command(args)
+
+
+def _finetune(args):
+    from detection.finetune import finetune_command
+
+    return finetune_command(args)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="simsiam-transfer",
+        description="SimSiam pretraining -> detectron2 conversion -> C4 detection-transfer benchmark.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("doctor", help="report torch/CUDA/detectron2; non-zero exit without detectron2")
+    p.set_defaults(func=_doctor)
+
+    data = sub.add_parser("data", help="generated datasets and dataset validation")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    p = data_sub.add_parser("make-synthetic", help="write deterministic VOC/COCO/unlabeled shape datasets")
+    p.add_argument("--out", required=True, help="output folder (replaced as a whole)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-train", type=int, default=48, help="VOC trainval / COCO train images")
+    p.add_argument("--num-test", type=int, default=24, help="VOC test / COCO val images")
+    p.add_argument("--num-unlabeled", type=int, default=256, help="unlabeled pretraining images")
+    p.add_argument("--image-size", type=int, default=128)
+    p.set_defaults(func=_make_synthetic)
+    p = data_sub.add_parser("check", help="validate a VOC root or a COCO json + image folder")
+    p.add_argument("--voc", metavar="ROOT", help="VOC root holding JPEGImages/, Annotations/, ImageSets/Main/")
+    p.add_argument("--split", default=None, help="VOC split(s) to check, comma-separated (default: all found)")
+    p.add_argument("--classes", help="comma-separated class names (default: the 20 VOC classes)")
+    p.add_argument("--coco", metavar="JSON", help="COCO instances json")
+    p.add_argument("--image-root", help="image folder of the COCO json")
+    p.add_argument("--json", dest="json_out", metavar="FILE", help="also write the report as JSON")
+    p.set_defaults(func=_data_check)
+
+    p = sub.add_parser("convert", help="pretraining checkpoint -> detectron2 / torchvision weights, verified")
+    p.add_argument("input", help="pretraining checkpoint (.pth / .pth.tar)")
+    p.add_argument("output", help="output file (.pkl for detectron2, .pth for torchvision)")
+    p.add_argument("--format", choices=("detectron2", "torchvision"), default="detectron2")
+    p.add_argument("--source", choices=("auto", *SOURCE_NAMES), default="auto",
+                   help="input layout; auto-detected from key names by default")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the detectron2 load and feature-equivalence check")
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("finetune", help="one detectron2 C4 fine-tune + evaluation")
+    add_launch_arguments(p)
+    p.set_defaults(func=_finetune)
+    return parser
+
+
+def add_launch_arguments(p):
+    """Arguments shared by ``finetune`` and ``bench``: config, weights, datasets, launch flags."""
+    p.add_argument("--config", required=True, help="detectron2 YAML (a path, or relative to configs/)")
+    p.add_argument("--weights", required=True,
+                   help="converted detectron2 .pkl (simsiam-transfer convert), or 'none' for random init")
+    p.add_argument("--datasets", help="dataset catalog YAML (see CONTRACTS.md)")
+    p.add_argument("--data-root", help="root of the standard VOC/COCO folders (default $DETECTRON2_DATASETS)")
+    p.add_argument("--num-gpus", type=int, default=None,
+                   help="processes per machine, one GPU each (default: all visible GPUs, 0 on CPU)")
+    p.add_argument("--num-machines", type=int, default=1)
+    p.add_argument("--machine-rank", type=int, default=0)
+    p.add_argument("--dist-url", default="auto", help="tcp://HOST:PORT of rank 0 for multi-machine runs")
+    p.add_argument("overrides", nargs="*", metavar="KEY VALUE", help="detectron2 config overrides")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

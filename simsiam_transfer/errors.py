@@ -1,0 +1,7 @@
+"""Expected bad input: one clear line on stderr and exit status 2 (see CONTRACTS.md)."""
+
+
+class UserError(Exception):
+    """Bad input or usage the user can fix; the message names the file/key and the fix."""
+
+    exit_code = 2
