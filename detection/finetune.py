@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import random
 import sys
 import time
@@ -103,11 +104,13 @@ def preflight(job):
 
 
 def flatten_results(results):
-    """``{"bbox": {"AP": ..}, "segm": {..}}`` -> ``{"bbox/AP": .., "segm/AP": ..}`` (floats)."""
+    """``{"bbox": {"AP": ..}, "segm": {..}}`` -> ``{"bbox/AP": .., "segm/AP": ..}`` (floats or None)."""
     flat = {}
     for task, metrics in (results or {}).items():
         for key, value in metrics.items():
-            flat[f"{task}/{key}"] = float(value)
+            value = float(value)
+            # COCO reports NaN for empty size ranges; JSON has no NaN.
+            flat[f"{task}/{key}"] = None if math.isnan(value) else value
     return flat
 
 
@@ -189,5 +192,5 @@ def finetune_command(args):
         print(f"error: training diverged: {exc}; lower SOLVER.BASE_LR or check the weights", file=sys.stderr)
         return 1
     keys = [k for k in record if k.split("/")[-1] in ("AP", "AP50", "AP75")]
-    print(" ".join(f"{k}={record[k]:.2f}" for k in keys))
+    print(" ".join(f"{k}={record[k]:.2f}" for k in keys if record[k] is not None))
     return 0

@@ -45,6 +45,47 @@ def _finetune(args):
     return finetune_command(args)
 
 
+def _pretrain(args):
+    from pretrain.config import load_cfg
+    from pretrain.engine import TrainingDiverged, run_pretrain
+
+    cfg = load_cfg(args.config, args.overrides)
+    try:
+        history = run_pretrain(cfg)
+    except TrainingDiverged as exc:
+        print(f"error: training diverged: {exc}", file=sys.stderr)
+        return 1
+    if history:
+        print(f"done: {len(history)} epoch(s), final loss {history[-1]['loss']:.4f}; "
+              f"checkpoints in {cfg.OUTPUT_DIR}")
+    return 0
+
+
+def _linear(args):
+    from pretrain.config import load_cfg
+    from pretrain.linear import run_linear
+
+    result = run_linear(load_cfg(args.config, args.overrides))
+    print(f"linear top-1 {result['top1']:.2f} (best {result['best_top1']:.2f}) over {result['epochs']} epochs")
+    return 0
+
+
+def _fig2(args):
+    from pretrain.engine import TrainingDiverged
+    from pretrain.fig2 import run_fig2
+
+    try:
+        summary = run_fig2(args.config, args.output_dir, args.overrides)
+    except TrainingDiverged as exc:
+        print(f"error: training diverged: {exc}", file=sys.stderr)
+        return 1
+    for name, run in summary["runs"].items():
+        print(f"{name:>17}: loss {run['final_loss']:.3f}  z_std*sqrt(d) {run['final_z_std_times_sqrt_d']:.3f}"
+              + (f"  kNN {run['final_knn_top1']:.1f}%" if run["final_knn_top1"] is not None else ""))
+    print(f"wrote {args.output_dir}/fig2.json and fig2.png")
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="simsiam-transfer",
@@ -72,6 +113,22 @@ def build_parser():
     p.add_argument("--image-root", help="image folder of the COCO json")
     p.add_argument("--json", dest="json_out", metavar="FILE", help="also write the report as JSON")
     p.set_defaults(func=_data_check)
+
+    p = sub.add_parser("pretrain", help="SimSiam pretraining (defaults: the paper's recipe); resumes")
+    p.add_argument("--config", help="pretraining YAML (a path, or relative to configs/)")
+    p.add_argument("overrides", nargs="*", metavar="KEY VALUE", help="config overrides, e.g. SOLVER.EPOCHS 200")
+    p.set_defaults(func=_pretrain)
+
+    p = sub.add_parser("linear", help="linear probe on the frozen pretrained backbone")
+    p.add_argument("--config", help="pretraining YAML (reads DATA.KNN_*_DIR and LINEAR.*)")
+    p.add_argument("overrides", nargs="*", metavar="KEY VALUE")
+    p.set_defaults(func=_linear)
+
+    p = sub.add_parser("fig2", help="the paper's Fig. 2: the same pretraining with and without stop-gradient")
+    p.add_argument("--config", help="pretraining YAML")
+    p.add_argument("--output-dir", required=True, help="holds both runs, fig2.json and fig2.png")
+    p.add_argument("overrides", nargs="*", metavar="KEY VALUE")
+    p.set_defaults(func=_fig2)
 
     p = sub.add_parser("convert", help="pretraining checkpoint -> detectron2 / torchvision weights, verified")
     p.add_argument("input", help="pretraining checkpoint (.pth / .pth.tar)")
