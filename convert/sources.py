@@ -47,10 +47,18 @@ def load_checkpoint(path):
     except IsADirectoryError:
         raise UserError(f"{path}: is a directory, expected a checkpoint file") from None
     except Exception as exc:  # torch raises many types for truncated/foreign/unsafe files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: not a readable PyTorch checkpoint (truncated, foreign or unsafe "
-                        f"pickle: {first[:160]})") from None
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({describe_load_error(exc)})") from None
     return obj
+
+
+def describe_load_error(exc):
+    """One line for a failed ``torch.load``: the refused class of an unsafe pickle, else the first line."""
+    text = str(exc)
+    for line in text.splitlines():
+        if "Unsupported global" in line:
+            return "unsafe pickle, refused by weights_only loading: " + line.strip().split(" was not")[0]
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return f"truncated or foreign file: {first[:160]}"
 
 
 def state_dict_of(obj, path):
@@ -100,7 +108,9 @@ def split_backbone(state_dict, source):
     for key, value in state_dict.items():
         inner = key[len(prefix):] if key.startswith(prefix) else None
         if inner is not None and _BACKBONE_KEY.match(inner):
-            if not inner.endswith("num_batches_tracked"):
+            if inner.endswith("num_batches_tracked"):
+                dropped["backbone BN counters"] = dropped.get("backbone BN counters", 0) + 1
+            else:
                 backbone[inner] = value
             continue
         group = _group_name(key, prefix)
@@ -111,8 +121,6 @@ def split_backbone(state_dict, source):
 def _group_name(key, prefix):
     if key.startswith(prefix) and key[len(prefix):].startswith("fc."):
         return "classifier (fc)" if prefix == "" else "projector (fc)"
-    if key.endswith("num_batches_tracked"):
-        return "BN counters (num_batches_tracked)"
     head = key.split(".")[1 if key.startswith("module.") else 0]
     return {"predictor": "predictor", "projector": "projector", "encoder_k": "momentum encoder",
             "queue": "queue", "queue_ptr": "queue", "classifier": "classifier"}.get(

@@ -70,7 +70,9 @@ def load(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UserError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0][:160]}); move it away "
+        from convert.sources import describe_load_error
+
+        raise UserError(f"{path}: unreadable checkpoint ({describe_load_error(exc)}); move it away "
                         "to resume from an earlier numbered checkpoint, or use a new OUTPUT_DIR") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path}: not a simsiam-transfer pretraining checkpoint; use a new OUTPUT_DIR")

@@ -5,15 +5,13 @@ from pathlib import Path
 from simsiam_transfer.errors import UserError
 
 _CHECKOUT_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+# pyproject maps configs/ to the package data folder simsiam_transfer/configs in a wheel.
+_INSTALLED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 def config_root():
     """``configs/`` of a checkout, or the copy installed as package data by ``pip install .``."""
-    if _CHECKOUT_CONFIGS.is_dir():
-        return _CHECKOUT_CONFIGS
-    from importlib.resources import files
-
-    return Path(str(files("simsiam_transfer.configs")))
+    return _CHECKOUT_CONFIGS if _CHECKOUT_CONFIGS.is_dir() else _INSTALLED_CONFIGS
 
 
 def resolve_config(name):

@@ -44,8 +44,8 @@ def library_versions():
     return {
         "simsiam_transfer": __version__,
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "detectron2": d2["version"],
         "detectron2_origin": d2["origin"],
