@@ -27,11 +27,15 @@ _ALLOWED = {
 }
 
 
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
 class _ArraysOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) in _ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        raise _Refused(f"refusing to load {module}.{name}")
 
 
 def read_detectron2_pkl(path):
@@ -41,9 +45,9 @@ def read_detectron2_pkl(path):
             data = _ArraysOnlyUnpickler(io.BufferedReader(f), encoding="latin1").load()
     except OSError as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror})") from None
-    except pickle.UnpicklingError as exc:
+    except _Refused as exc:
         raise UserError(f"{path}: not a detectron2 weights file of plain arrays ({exc})") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
         raise UserError(f"{path}: truncated or corrupt pickle ({type(exc).__name__}); convert it again") from None
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict) or not model:

@@ -145,6 +145,14 @@ def resnet_layout(backbone, path):
         counts.append(max(idx) + 1)
     depth = RESNET_LAYOUTS.get((block, tuple(counts)))
     if depth is None:
+        # Blocks cut off the end of a stage: name the nearest ResNet that has them all.
+        larger = sorted((sum(c), d, c) for (b, c), d in RESNET_LAYOUTS.items()
+                        if b == block and all(n <= m for n, m in zip(counts, c)))
+        if larger:
+            _, nearest, needed = larger[0]
+            short = [f"layer{i + 1} has {n} of {m}" for i, (n, m) in enumerate(zip(counts, needed)) if n < m]
+            raise UserError(f"{path}: missing blocks for ResNet-{nearest}: {', '.join(short)}; "
+                            "the checkpoint is truncated or not a standard ResNet")
         known = ", ".join(f"ResNet-{d} {b} {list(c)}" for (b, c), d in RESNET_LAYOUTS.items())
         raise UserError(f"{path}: {block} blocks per stage {counts} match no supported ResNet ({known})")
     return depth, block
