@@ -43,7 +43,8 @@ def convert_checkpoint(input_path, output_path, fmt="detectron2", source="auto",
     return report
 
 
-def print_summary(report, out=sys.stdout, err=sys.stderr):
+def print_summary(report, out=None, err=None):
+    out, err = out or sys.stdout, err or sys.stderr
     print(f"source:     {report['source']} (ResNet-{report['depth']}, {report['block']} blocks)", file=out)
     print(f"converted:  {report['tensors']} backbone tensors -> {report['format']} names", file=out)
     dropped = ", ".join(f"{g}: {n}" for g, n in sorted(report["dropped"].items())) or "nothing"

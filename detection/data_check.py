@@ -33,7 +33,8 @@ class Report:
         return {"dataset": self.dataset, "ok": self.ok, "counts": dict(self.counts),
                 "problems": {k: {"count": len(v), "first": v[:SHOW_FIRST]} for k, v in self.problems.items()}}
 
-    def print(self, out=sys.stdout):
+    def print(self, out=None):
+        out = out or sys.stdout
         counts = ", ".join(f"{k} {v}" for k, v in self.counts.items())
         print(f"{self.dataset}: {counts}", file=out)
         if self.ok:
