@@ -6,6 +6,7 @@ traceback, no partial output), 1 anything else.
 
 import argparse
 import sys
+import warnings
 
 from simsiam_transfer.errors import UserError
 
@@ -86,6 +87,31 @@ def _fig2(args):
     return 0
 
 
+def _bench(args):
+    from detection.bench import Bench
+
+    summary = Bench(args).run()
+    return 0 if summary["selected_lr"] is not None else 1
+
+
+def _report(args):
+    from detection.report import report_command
+
+    return report_command(args)
+
+
+def _pipeline(args):
+    from pretrain.engine import TrainingDiverged
+    from simsiam_transfer.pipeline import Pipeline, load_pipeline_cfg
+
+    try:
+        Pipeline(load_pipeline_cfg(args.config, args.overrides)).run()
+    except TrainingDiverged as exc:
+        print(f"error: pretraining diverged: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="simsiam-transfer",
@@ -143,12 +169,42 @@ def build_parser():
     p = sub.add_parser("finetune", help="one detectron2 C4 fine-tune + evaluation")
     add_launch_arguments(p)
     p.set_defaults(func=_finetune)
+
+    p = sub.add_parser("bench", help="fine-tuning LR search x trials -> run store, summary.json, table")
+    p.add_argument("--benchmark", required=True,
+                   help="voc07, voc0712, coco_1x, coco_2x (or *_mini for CPU), or a detectron2 config file")
+    p.add_argument("--output-dir", required=True, help="sweep folder; rerunning resumes it")
+    p.add_argument("--name", help="row label in reports (default: the weights file name, or 'scratch')")
+    p.add_argument("--lrs", help="comma-separated SOLVER.BASE_LR values (default: the config's)")
+    p.add_argument("--trials", type=int, default=5, help="trials at the selected LR (default 5, as the paper)")
+    p.add_argument("--search", default="best-then-repeat", choices=("full", "best-then-repeat"),
+                   help="full: every LR x every trial; best-then-repeat: trial 0 per LR, then the rest at the best")
+    p.add_argument("--metric", default="bbox/AP", help="LR selection metric (default bbox/AP)")
+    p.add_argument("--max-retries", type=int, default=1, help="reruns of a failed trial (default 1)")
+    p.add_argument("--executor", default="local", choices=("local", "slurm", "submitit-local"))
+    p.add_argument("--slurm-partition")
+    p.add_argument("--slurm-time", type=int, default=4320, help="minutes per trial job (default 4320)")
+    p.add_argument("--slurm-cpus-per-task", type=int)
+    add_launch_arguments(p, config=False)
+    p.set_defaults(func=_bench)
+
+    p = sub.add_parser("report", help="Table-5 style report of bench folders")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="bench --output-dir folders")
+    p.add_argument("--format", default="md", choices=("md", "csv", "latex"))
+    p.add_argument("--out", help="write here (plus <stem>_ap_vs_lr.png) instead of stdout")
+    p.set_defaults(func=_report)
+
+    p = sub.add_parser("pipeline", help="pretrain -> convert -> bench -> report, resumable")
+    p.add_argument("--config", required=True, help="pipeline YAML (e.g. pipeline/mini.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY VALUE", help="e.g. OUTPUT_DIR runs/demo")
+    p.set_defaults(func=_pipeline)
     return parser
 
 
-def add_launch_arguments(p):
+def add_launch_arguments(p, config=True):
     """Arguments shared by ``finetune`` and ``bench``: config, weights, datasets, launch flags."""
-    p.add_argument("--config", required=True, help="detectron2 YAML (a path, or relative to configs/)")
+    if config:
+        p.add_argument("--config", required=True, help="detectron2 YAML (a path, or relative to configs/)")
     p.add_argument("--weights", required=True,
                    help="converted detectron2 .pkl (simsiam-transfer convert), or 'none' for random init")
     p.add_argument("--datasets", help="dataset catalog YAML (see CONTRACTS.md)")
@@ -162,6 +218,8 @@ def add_launch_arguments(p):
 
 
 def main(argv=None):
+    # detectron2 0.6 scripts ops at import; torch now warns about that on every run.
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -1,0 +1,44 @@
+"""The run store of a benchmark: ``DIR/runs.jsonl``, one JSON event per line, append-only.
+
+Every state change of a trial appends its full record; a trial's current record is its last
+line. Only the bench driver writes it (trials write their own ``metrics.json``), so appends
+never interleave, and a line cut short by a crash is skipped on reading.
+
+Record fields: ``id``, ``lr``, ``trial``, ``seed``, ``status`` (queued / running / done / failed),
+``attempt``, ``metrics`` (flat, from the trial's metrics.json), ``wall_time_s``, ``config_hash``,
+``weights``, ``weights_sha256``, ``world_size``, ``norm``, ``versions``, ``error``, ``output_dir``,
+``job_id``, ``time`` (unix seconds of the event).
+"""
+
+import json
+import os
+import time
+from pathlib import Path
+
+STORE = "runs.jsonl"
+
+
+class RunStore:
+    def __init__(self, directory):
+        self.path = Path(directory) / STORE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def records(self):
+        """Latest record per trial id, in first-seen order."""
+        latest = {}
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a crash
+                latest[record["id"]] = record
+        return latest
+
+    def put(self, record):
+        record = {**record, "time": round(time.time(), 3)}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return record
