@@ -123,6 +123,8 @@ class Bench:
                 record.update(status="done", metrics={k: v for k, v in m.items() if "/" in k},
                               wall_time_s=m.get("wall_time_s"), config_hash=m.get("config_hash"),
                               world_size=m.get("world_size"), norm=m.get("norm"), versions=m.get("versions"))
+                if not self.args.keep_checkpoints:
+                    _drop_intermediate_checkpoints(spec.output_dir)
                 shown = ", ".join(f"{k} {v:.2f}" for k, v in record["metrics"].items()
                                   if k.split("/")[1] in ("AP50", "AP", "AP75") and v is not None)
                 print(f"[bench] {spec.id}: done  {shown}", flush=True)
@@ -189,6 +191,12 @@ class Bench:
             self._execute(protocol.repeat_plan(selected, self.args.trials, self.args.search), executor)
         summary = write_outputs(self.out)
         return summary
+
+
+def _drop_intermediate_checkpoints(folder):
+    """A finished trial needs only model_final.pth; periodic checkpoints were for resuming it."""
+    for path in Path(folder).glob("model_[0-9]*.pth"):
+        path.unlink()
 
 
 def _abs(path):

@@ -120,7 +120,7 @@ class SubmititExecutor:
     """One submitit job per trial: ``cluster="slurm"`` on a cluster, ``"local"`` for tests/demos."""
 
     def __init__(self, folder, cluster="slurm", gpus_per_trial=0, partition=None, timeout_min=4320,
-                 cpus_per_task=None, poll_s=2.0):
+                 cpus_per_task=None, poll_s=1.0, max_parallel=None):
         import submitit
 
         self.name = "slurm" if cluster == "slurm" else "submitit-local"
@@ -135,15 +135,17 @@ class SubmititExecutor:
                 params["cpus_per_task"] = cpus_per_task
         self.executor.update_parameters(**params)
         self.poll_s = poll_s
+        # Slurm queues every trial at once; on one machine, jobs run one at a time by default.
+        self.max_parallel = max_parallel or (None if cluster == "slurm" else 1)
 
     def run(self, specs, on_start, on_finish):
-        jobs = []
-        for spec in specs:
-            job = self.executor.submit(TrialJob(), spec)
-            on_start(spec, str(job.job_id))
-            jobs.append((spec, job))
-        pending = list(jobs)
-        while pending:
+        waiting, pending = list(specs), []
+        while waiting or pending:
+            while waiting and (self.max_parallel is None or len(pending) < self.max_parallel):
+                spec = waiting.pop(0)
+                job = self.executor.submit(TrialJob(), spec)
+                on_start(spec, str(job.job_id))
+                pending.append((spec, job))
             for spec, job in list(pending):
                 if job.done():
                     pending.remove((spec, job))

@@ -181,6 +181,8 @@ def build_parser():
                    help="full: every LR x every trial; best-then-repeat: trial 0 per LR, then the rest at the best")
     p.add_argument("--metric", default="bbox/AP", help="LR selection metric (default bbox/AP)")
     p.add_argument("--max-retries", type=int, default=1, help="reruns of a failed trial (default 1)")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep finished trials' periodic checkpoints (default: only model_final.pth)")
     p.add_argument("--executor", default="local", choices=("local", "slurm", "submitit-local"))
     p.add_argument("--slurm-partition")
     p.add_argument("--slurm-time", type=int, default=4320, help="minutes per trial job (default 4320)")

@@ -1,0 +1,211 @@
+"""Benchmark runner: protocol logic, sweeps through both executors with SIGKILL + rerun,
+failure handling, reports, and the pipeline."""
+
+import csv
+import io
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import cli_main, run_cli
+from detection import protocol
+from simsiam_transfer.errors import UserError
+
+SHORT = ["SOLVER.MAX_ITER", "4", "SOLVER.STEPS", "(3,)", "SOLVER.WARMUP_ITERS", "2", "SOLVER.CHECKPOINT_PERIOD", "2",
+         "TEST.PRECISE_BN.NUM_ITER", "2"]
+
+
+# -- protocol (pure) -----------------------------------------------------------------------------
+def test_lr_grid_parsing_and_refusals():
+    assert protocol.parse_lrs("0.02, 0.05,0.1") == [0.02, 0.05, 0.1]
+    for bad, message in (("0.02,abc", "not a number"), ("-0.1", "positive"), ("0.02,0.02", "repeated"),
+                         ("inf", "positive and finite"), ("", "not a number")):
+        with pytest.raises(UserError, match=message):
+            protocol.parse_lrs(bad)
+
+
+def test_plans_full_versus_best_then_repeat():
+    lrs = [0.01, 0.02, 0.05]
+    assert len(protocol.search_plan(lrs, 5, "full")) == 15 and protocol.repeat_plan(0.02, 5, "full") == []
+    first = protocol.search_plan(lrs, 5, "best-then-repeat")
+    rest = protocol.repeat_plan(0.02, 5, "best-then-repeat")
+    assert first == [(0.01, 0), (0.02, 0), (0.05, 0)] and rest == [(0.02, t) for t in range(1, 5)]
+    assert len(first) + len(rest) == 3 + 5 - 1
+    assert protocol.trial_seed(3) == protocol.trial_seed(3) != protocol.trial_seed(4)
+    with pytest.raises(UserError, match="--trials"):
+        protocol.search_plan(lrs, 0, "full")
+
+
+def _rec(lr, trial, ap, status="done"):
+    return {"lr": lr, "trial": trial, "status": status, "metrics": {"bbox/AP": ap} if ap is not None else {}}
+
+
+def test_selection_and_aggregation():
+    records = [_rec(0.02, 0, 40.0), _rec(0.05, 0, 42.0), _rec(0.05, 1, 30.0), _rec(0.1, 0, None, "failed")]
+    assert protocol.select_lr(records, "bbox/AP", [0.02, 0.05, 0.1], "best-then-repeat") == 0.05
+    assert protocol.select_lr(records, "bbox/AP", [0.02, 0.05, 0.1], "full") == 0.02
+    assert protocol.select_lr([_rec(0.1, 0, None, "failed")], "bbox/AP", [0.1]) is None
+    stats = protocol.mean_std([1.0, 2.0, 4.0])
+    assert stats == {"mean": pytest.approx(7 / 3), "std": pytest.approx(statistics.stdev([1, 2, 4])), "n": 3}
+    assert protocol.mean_std([5.0])["std"] is None
+
+
+# -- sweeps --------------------------------------------------------------------------------------
+def _bench_args(synthetic, weights, out, *extra, executor="local", lrs="0.02,0.05"):
+    return ["bench", "--benchmark", "voc07_mini", "--weights", str(weights), "--output-dir", str(out),
+            "--lrs", lrs, "--trials", "2", "--search", "full", "--executor", executor, "--name", "R18",
+            "--datasets", str(synthetic / "datasets.yaml"), *extra, *SHORT]
+
+
+def _events(out):
+    return [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+
+
+def _kill_after_first_done_then_rerun(args, out):
+    cmd = [sys.executable, "-m", "simsiam_transfer.cli", *args]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "runs.jsonl").is_file() and any(e["status"] == "done" for e in _events(out)):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the sweep finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = {e["id"] for e in _events(out) if e["status"] == "done"}
+    assert 0 < len(done_before) < 4
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    events = _events(out)
+    for tid in done_before:  # finished trials were not started again
+        assert sum(e["id"] == tid and e["status"] == "running" for e in events) == 1
+    return events
+
+
+def _check_summary_matches_store(out):
+    latest = {}
+    for e in _events(out):
+        latest[e["id"]] = e
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["trials"] == {"done": 4, "failed": 0, "unfinished": 0}
+    lr = summary["selected_lr"]
+    for key in ("bbox/AP50", "bbox/AP", "bbox/AP75"):
+        values = [r["metrics"][key] for r in latest.values() if r["lr"] == lr]
+        assert summary["metrics"][key]["mean"] == pytest.approx(statistics.fmean(values))
+        assert summary["metrics"][key]["std"] == pytest.approx(statistics.stdev(values))
+        assert summary["metrics"][key]["n"] == 2
+        cell = f"{statistics.fmean(values):.1f} ± {statistics.stdev(values):.1f}"
+        assert cell in (out / "table.md").read_text()
+    for r in latest.values():
+        assert r["seed"] == protocol.trial_seed(r["trial"]) and r["config_hash"] and r["versions"]["torch"]
+        assert r["weights_sha256"] and r["world_size"] == 1 and r["norm"] == "BN" and r["wall_time_s"] > 0
+        assert (out / "trials" / r["id"] / "metrics.json").is_file()
+        assert not list((out / "trials" / r["id"]).glob("model_0*.pth"))
+    assert (out / "ap_vs_lr.png").read_bytes()[:4] == b"\x89PNG"
+    return summary
+
+
+@pytest.fixture(scope="module")
+def local_sweep(synthetic, r18_pkl, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "local"
+    events = _kill_after_first_done_then_rerun(_bench_args(synthetic, r18_pkl, out), out)
+    return out, events
+
+
+def test_local_sweep_survives_sigkill_and_matches_its_store(local_sweep):
+    out, _ = local_sweep
+    _check_summary_matches_store(out)
+    settings = json.loads((out / "bench.json").read_text())
+    assert settings["lrs"] == [0.02, 0.05] and settings["search"] == "full"
+
+
+def test_submitit_local_sweep_survives_sigkill(synthetic, r18_pkl, tmp_path):
+    out = tmp_path / "submitit"
+    events = _kill_after_first_done_then_rerun(_bench_args(synthetic, r18_pkl, out, executor="submitit-local"), out)
+    _check_summary_matches_store(out)
+    assert all(e["job_id"] for e in events if e["status"] in ("running", "done"))
+
+
+def test_rerun_of_a_finished_sweep_runs_nothing(local_sweep, synthetic, r18_pkl):
+    out, _ = local_sweep
+    before = len(_events(out))
+    assert cli_main(*_bench_args(synthetic, r18_pkl, out)) == 0
+    assert len(_events(out)) == before
+
+
+def test_reports_in_markdown_csv_and_latex(local_sweep, tmp_path):
+    out, _ = local_sweep
+    summary = json.loads((out / "summary.json").read_text())
+    ap = summary["metrics"]["bbox/AP"]
+    md = run_cli("report", out)
+    assert md.returncode == 0
+    assert f"| R18 | " in md.stdout and f"{ap['mean']:.1f} ± {ap['std']:.1f}" in md.stdout and "(n=2)" in md.stdout
+    assert "VOC 07 (mini) det. AP50 / AP / AP75" in md.stdout and "LR search: R18" in md.stdout
+    assert run_cli("report", out, "--format", "csv", "--out", tmp_path / "t.csv").returncode == 0
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "t.csv").read_text())))
+    sel = [r for r in rows if r["selected"] == "True" and r["metric"] == "bbox/AP"]
+    assert len(sel) == 1 and float(sel[0]["mean"]) == pytest.approx(ap["mean"]) and sel[0]["n"] == "2"
+    assert (tmp_path / "t_ap_vs_lr.png").is_file()
+    latex = run_cli("report", out, "--format", "latex")
+    assert r"\begin{tabular}" in latex.stdout and rf"{ap['mean']:.1f} $\pm$ {ap['std']:.1f}" in latex.stdout
+
+
+def test_failing_trials_are_recorded_and_do_not_stop_the_sweep(synthetic, r18_pkl, tmp_path):
+    args = _bench_args(synthetic, r18_pkl, tmp_path, lrs="0.02,1000000")
+    args[args.index("--trials") + 1] = "1"
+    assert cli_main(*args) == 0
+    latest = {}
+    for e in _events(tmp_path):
+        latest[e["id"]] = e
+    bad, good = latest["lr1e+06_t0"], latest["lr0.02_t0"]
+    assert bad["status"] == "failed" and bad["attempt"] == 2 and "diverged" in bad["error"]
+    assert good["status"] == "done"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["selected_lr"] == 0.02 and summary["trials"]["failed"] == 1
+    failed_entry = next(e for e in summary["lr_search"] if e["lr"] == 1e6)
+    assert failed_entry["trials"] == {"done": 0, "failed": 1}
+
+
+def test_bad_bench_inputs_exit_2_without_a_run_store(synthetic, r18_pkl, tmp_path, capsys):
+    for lrs in ("0.02,abc", "0,0.1", "0.1,0.1"):
+        assert cli_main(*_bench_args(synthetic, r18_pkl, tmp_path / "a", lrs=lrs)) == 2
+        assert "--lrs" in capsys.readouterr().err
+    assert not (tmp_path / "a" / "runs.jsonl").exists()
+    args = _bench_args(synthetic, r18_pkl, tmp_path / "b")
+    args[args.index("--benchmark") + 1] = "voc2099"
+    assert cli_main(*args) == 2 and "--benchmark voc2099" in capsys.readouterr().err
+    assert cli_main(*_bench_args(synthetic, r18_pkl, tmp_path / "c", "MODEL.BAD_KEY", "1")) == 2
+    assert "MODEL.BAD_KEY" in capsys.readouterr().err
+
+
+def test_a_folder_holds_one_sweep(local_sweep, synthetic, r18_pkl, capsys):
+    out, _ = local_sweep
+    assert cli_main(*_bench_args(synthetic, r18_pkl, out, "SOLVER.WEIGHT_DECAY", "0.001")) == 2
+    assert "use a new --output-dir" in capsys.readouterr().err
+
+
+def test_pipeline_runs_every_stage_and_resumes(tmp_path):
+    args = ["pipeline", "--config", "pipeline/mini.yaml", "OUTPUT_DIR", tmp_path,
+            "PRETRAIN.OVERRIDES", "['SOLVER.EPOCHS', '1', 'SOLVER.BATCH_SIZE', '32', 'DATA.IMAGE_SIZE', '32', "
+            "'DATA.NUM_WORKERS', '0', 'SOLVER.MAX_ITERS_PER_EPOCH', '2']",
+            "BENCH.BENCHMARKS", "['coco_1x_mini']", "BENCH.LRS", "[0.02]", "BENCH.TRIALS", "1",
+            "BENCH.SCRATCH", "False", "BENCH.OVERRIDES", str(SHORT)]
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads((tmp_path / "pipeline.json").read_text())
+    assert [s["status"][:4] for s in state["stages"].values()] == ["done"] * 5
+    report = (tmp_path / "report.md").read_text()
+    assert "SimSiam R18 (mini)" in report and "COCO 1x (mini) seg. AP50 / AP / AP75" in report
+    assert json.loads((tmp_path / "weights.pkl.report.json").read_text())["source"] == "simsiam-transfer"
+    again = run_cli(*args)
+    assert again.returncode == 0
+    state = json.loads((tmp_path / "pipeline.json").read_text())
+    assert state["stages"]["pretrain"]["status"] == "done earlier"
+    assert state["stages"]["convert"]["status"] == "done earlier"
+    assert "running (attempt" not in again.stdout
