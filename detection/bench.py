@@ -12,6 +12,8 @@ import hashlib
 import threading
 from pathlib import Path
 
+from tqdm import tqdm
+
 from detection import protocol
 from detection.executors import LocalExecutor, SubmititExecutor, TrialSpec
 from detection.runstore import RunStore
@@ -113,7 +115,7 @@ class Bench:
             record = self._base_record(spec, status="running", job_id=job_id)
             record["attempt"] += 1
             self.store.put(record)
-            print(f"[bench] {spec.id}: running (attempt {record['attempt']}, seed {spec.seed})", flush=True)
+            self._say(f"[bench] {spec.id}: running (attempt {record['attempt']}, seed {spec.seed})")
 
     def _on_finish(self, spec, result):
         with self._lock:
@@ -127,11 +129,16 @@ class Bench:
                     _drop_intermediate_checkpoints(spec.output_dir)
                 shown = ", ".join(f"{k} {v:.2f}" for k, v in record["metrics"].items()
                                   if k.split("/")[1] in ("AP50", "AP", "AP75") and v is not None)
-                print(f"[bench] {spec.id}: done  {shown}", flush=True)
+                self._say(f"[bench] {spec.id}: done  {shown}")
             else:
                 record.update(status="failed", error=result.error)
-                print(f"[bench] {spec.id}: FAILED {result.error}", flush=True)
+                self._say(f"[bench] {spec.id}: FAILED {result.error}")
             self.store.put(record)
+            if result.ok:
+                self._bar.update(1)
+
+    def _say(self, line):
+        self._bar.write(line)
 
     def _todo(self, plan):
         """Trials of ``plan`` still to run: not done, and failed fewer times than allowed."""
@@ -168,11 +175,17 @@ class Bench:
     # -- run --------------------------------------------------------------------------------------
     def run(self):
         self.out.mkdir(parents=True, exist_ok=True)
-        lock = open(self.out / ".lock", "w")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"{self.out}: another bench is running in this folder") from None
+        with open(self.out / ".lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UserError(f"{self.out}: another bench is running in this folder") from None
+            try:
+                return self._run_locked()
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _run_locked(self):
         self._check_settings()
         lrs = protocol.parse_lrs(self.args.lrs) if self.args.lrs else None
         cfg = self._preflight(lrs[0] if lrs else None)
@@ -182,15 +195,24 @@ class Bench:
         print(f"[bench] {self.settings['name']} on {self.settings['benchmark']}: LRs {lrs}, "
               f"{self.args.trials} trial(s), search {self.args.search}, metric {self.args.metric}", flush=True)
         executor = self._executor()
-        self._execute(protocol.search_plan(lrs, self.args.trials, self.args.search), executor)
+        planned = len(protocol.search_plan(lrs, self.args.trials, self.args.search)) + \
+            len(protocol.repeat_plan(lrs[0], self.args.trials, self.args.search))
+        self._bar = tqdm(total=planned, desc="bench trials", unit="trial", dynamic_ncols=True,
+                         initial=sum(r["status"] == "done" for r in self.store.records().values()))
+        try:
+            self._execute(protocol.search_plan(lrs, self.args.trials, self.args.search), executor)
+            self._run_selected(lrs, executor)
+        finally:
+            self._bar.close()
+        return write_outputs(self.out)
+
+    def _run_selected(self, lrs, executor):
         selected = protocol.select_lr(list(self.store.records().values()), self.args.metric, lrs,
                                       self.args.search)
         if selected is not None:
-            print(f"[bench] selected LR {selected:g} by {self.args.metric} "
-                  f"({'mean over trials' if self.args.search == 'full' else 'trial 0 of each LR'})", flush=True)
+            self._say(f"[bench] selected LR {selected:g} by {self.args.metric} "
+                      f"({'mean over trials' if self.args.search == 'full' else 'trial 0 of each LR'})")
             self._execute(protocol.repeat_plan(selected, self.args.trials, self.args.search), executor)
-        summary = write_outputs(self.out)
-        return summary
 
 
 def _drop_intermediate_checkpoints(folder):

@@ -209,3 +209,13 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path):
     assert state["stages"]["pretrain"]["status"] == "done earlier"
     assert state["stages"]["convert"]["status"] == "done earlier"
     assert "running (attempt" not in again.stdout
+
+
+def test_two_benches_cannot_share_a_folder(local_sweep, synthetic, r18_pkl, capsys):
+    import fcntl
+
+    out, _ = local_sweep
+    with open(out / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert cli_main(*_bench_args(synthetic, r18_pkl, out)) == 2
+        assert "another bench is running" in capsys.readouterr().err
