@@ -15,7 +15,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml simsiam_transfer/install_detectron2.py simsiam_transfer/detectron2_C_shim.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade "pip>=23" "setuptools>=64,<81" wheel
+	$(BIN)/python -m pip install -q "pip>=21.3" "setuptools>=64,<81" wheel
 	$(BIN)/python -m pip install -q $(TORCH_PINS)
 	$(BIN)/python -m simsiam_transfer.install_detectron2
 	$(BIN)/python -m pip install -q $(TORCH_PINS) -e ".[test]"

@@ -10,7 +10,8 @@ Order (``auto``):
 2. The upstream repository at a pinned commit, when it answers within a short timeout.
    This is the path for users with network and GPUs: a full build with compiled ops.
 3. Offline fallback: PyPI's ``pb1-detectron2==0.6`` (detectron2 v0.6 Python sources
-   re-uploaded without ``detectron2/layers/csrc``), built without its C++ extension.
+   re-uploaded without ``detectron2/layers/csrc``; its sdist's sha256 is pinned), built
+   without its C++ extension.
    Three text patches are applied to the unpacked sources before building, each checked
    to match exactly once:
 
@@ -30,17 +31,23 @@ Only the standard library is imported here: this runs before the project is inst
 """
 
 import argparse
+import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 UPSTREAM_URL = "https://github.com/facebookresearch/detectron2.git"
 UPSTREAM_COMMIT = "02b5c4e295e990042a714712c21dc79b731e8833"
 FALLBACK_REQUIREMENT = "pb1-detectron2==0.6"
+FALLBACK_SDIST = "pb1-detectron2-0.6.tar.gz"
+FALLBACK_SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
 REACHABILITY_TIMEOUT_S = 20
 IMPORT_CHECK = "import detectron2.modeling, detectron2.data, detectron2.evaluation, detectron2.engine"
 
@@ -123,17 +130,48 @@ def prepare_fallback_tree(tree):
     shutil.copyfile(Path(__file__).with_name("detectron2_C_shim.py"), tree / "detectron2" / "_C.py")
 
 
+def _sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def download_from_simple_index(dest):
+    """The sdist through the PEP 503 simple index. Recent pip refuses to prepare this package's
+    metadata (it declares a direct-URL extra), so ``pip download`` is not always usable."""
+    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+    with urllib.request.urlopen(f"{index}/pb1-detectron2/", timeout=60) as response:
+        page = response.read().decode()
+    links = [href for href in re.findall(r'href="([^"]+)"', page) if FALLBACK_SDIST in href]
+    if not links:
+        raise InstallError(f"{index}/pb1-detectron2/ lists no {FALLBACK_SDIST}")
+    url = urllib.parse.urljoin(f"{index}/pb1-detectron2/", links[0].split("#")[0])
+    _log(f"downloading {url}")
+    target = Path(dest) / FALLBACK_SDIST
+    with urllib.request.urlopen(url, timeout=120) as response:
+        target.write_bytes(response.read())
+    return target
+
+
+def fetch_fallback_sdist(dest):
+    """``pip download`` (honours pip's index settings), else the simple index; sha256-checked."""
+    # Metadata preparation imports torch, so it must see the installed one.
+    _pip("download", "--no-deps", "--no-build-isolation", FALLBACK_REQUIREMENT, "-d", str(dest))
+    archive = Path(dest) / FALLBACK_SDIST
+    if not archive.is_file():
+        _log("pip download did not produce the source archive; trying the simple index directly")
+        try:
+            archive = download_from_simple_index(dest)
+        except OSError as exc:
+            raise InstallError(f"could not download {FALLBACK_REQUIREMENT}: {exc}") from None
+    if _sha256(archive) != FALLBACK_SHA256:
+        raise InstallError(f"{archive}: sha256 {_sha256(archive)} is not the pinned {FALLBACK_SHA256}")
+    return archive
+
+
 def install_fallback():
     with tempfile.TemporaryDirectory(prefix="d2-fallback-") as tmp:
-        # Metadata preparation imports torch, so it must see the installed one.
-        if _pip("download", "--no-deps", "--no-build-isolation", FALLBACK_REQUIREMENT, "-d", tmp) != 0:
-            raise InstallError(f"could not download {FALLBACK_REQUIREMENT} from PyPI")
-        archives = sorted(Path(tmp).glob("pb1*detectron2-0.6*.tar.gz"))
-        if not archives:
-            raise InstallError(f"no source archive of {FALLBACK_REQUIREMENT} in {tmp}")
-        with tarfile.open(archives[0]) as tar:
+        with tarfile.open(fetch_fallback_sdist(tmp)) as tar:
             tar.extractall(tmp, filter="data")
-        tree = next(p for p in Path(tmp).iterdir() if p.is_dir())
+        tree = Path(tmp) / "pb1-detectron2-0.6"
         prepare_fallback_tree(tree)
         if _pip("install", "--no-build-isolation", str(tree)) != 0:
             raise InstallError(f"installing the patched {FALLBACK_REQUIREMENT} failed")
