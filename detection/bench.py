@@ -45,6 +45,18 @@ def resolve_benchmark(name):
     raise UserError(f"--benchmark {name}: not one of {sorted(protocol.BENCHMARKS)} nor a .yaml config file")
 
 
+def gpus_per_trial(requested, executor):
+    """--num-gpus as given; else one node of 8 GPUs per Slurm job (the protocol's world size),
+    and locally 1 GPU per trial when GPUs are visible (several trials then run at once)."""
+    if requested is not None:
+        return requested
+    if executor == "slurm":
+        return 8
+    import torch
+
+    return 1 if torch.cuda.is_available() else 0
+
+
 def default_name(weights):
     return "scratch" if weights == "none" else Path(weights).stem
 
@@ -66,7 +78,7 @@ class Bench:
             "weights": weights, "weights_sha256": "none" if weights == "none" else file_sha256(weights),
             "lrs": None, "trials": args.trials, "search": args.search, "metric": args.metric,
             "overrides": list(args.overrides), "datasets": _abs(args.datasets), "data_root": _abs(args.data_root),
-            "executor": args.executor, "num_gpus": args.num_gpus or 0,
+            "executor": args.executor, "num_gpus": gpus_per_trial(args.num_gpus, args.executor),
         }
         self.store = RunStore(self.out)
         self._lock = threading.Lock()

@@ -125,6 +125,15 @@ def _latex(headers, body, benches):
              " & ".join(esc(h) for h in headers) + r" \\", r"\midrule"]
     lines += [" & ".join(esc(c) for c in row) + r" \\" for row in body]
     lines += [r"\bottomrule", r"\end{tabular}"]
+    for b in benches:
+        metrics, rows = _lr_rows(b["summary"])
+        header = ["LR"] + metrics + ["done", "failed"]
+        sel = b["summary"]["selection"]
+        lines += ["", f"% LR search: {b['summary']['name']} on {benchmark_title(b['summary']['benchmark'])} "
+                      f"(* selected by {sel['metric']})",
+                  r"\begin{tabular}{l" + "c" * (len(header) - 1) + "}", r"\toprule",
+                  " & ".join(esc(h) for h in header) + r" \\", r"\midrule",
+                  *[" & ".join(esc(c) for c in row) + r" \\" for row in rows], r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
 
 

@@ -212,7 +212,9 @@ def add_launch_arguments(p, config=True):
     p.add_argument("--datasets", help="dataset catalog YAML (see CONTRACTS.md)")
     p.add_argument("--data-root", help="root of the standard VOC/COCO folders (default $DETECTRON2_DATASETS)")
     p.add_argument("--num-gpus", type=int, default=None,
-                   help="processes per machine, one GPU each (default: all visible GPUs, 0 on CPU)")
+                   help="processes per machine, one GPU each (default: all visible GPUs, 0 on CPU)" if config else
+                   "GPUs per trial (default: 1 when GPUs are visible, trials then run one per GPU at once; "
+                   "8 with --executor slurm; 0 on CPU)")
     p.add_argument("--num-machines", type=int, default=1)
     p.add_argument("--machine-rank", type=int, default=0)
     p.add_argument("--dist-url", default="auto", help="tcp://HOST:PORT of rank 0 for multi-machine runs")

@@ -154,6 +154,7 @@ def test_reports_in_markdown_csv_and_latex(local_sweep, tmp_path):
     assert (tmp_path / "t_ap_vs_lr.png").is_file()
     latex = run_cli("report", out, "--format", "latex")
     assert r"\begin{tabular}" in latex.stdout and rf"{ap['mean']:.1f} $\pm$ {ap['std']:.1f}" in latex.stdout
+    assert "% LR search: R18 on VOC 07 (mini)" in latex.stdout and latex.stdout.count(r"\begin{tabular}") == 2
 
 
 def test_failing_trials_are_recorded_and_do_not_stop_the_sweep(synthetic, r18_pkl, tmp_path):
