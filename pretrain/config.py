@@ -3,6 +3,8 @@
 Every ablation of the paper is a key here (see README, "Paper ablations").
 """
 
+import math
+
 from yacs.config import CfgNode as CN
 
 from simsiam_transfer.config import merge_config
@@ -90,6 +92,10 @@ def validate(cfg, source="config"):
         section, name = key.split(".")
         if not cfg[section][name] > 0:
             raise UserError(f"{source}: {key} must be > 0, got {cfg[section][name]}")
+    for key in ("SOLVER.BASE_LR", "SOLVER.WEIGHT_DECAY", "LINEAR.BASE_LR"):
+        section, name = key.split(".")
+        if not math.isfinite(cfg[section][name]):
+            raise UserError(f"{source}: {key} must be finite, got {cfg[section][name]}")
     if cfg.MODEL.PROJ_LAYERS not in (2, 3):
         raise UserError(f"{source}: MODEL.PROJ_LAYERS must be 2 or 3, got {cfg.MODEL.PROJ_LAYERS}")
     if not 0.0 <= cfg.MODEL.TARGET_MOMENTUM < 1.0:

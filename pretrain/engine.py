@@ -7,7 +7,6 @@ checkpoints atomically. A killed run started again with the same OUTPUT_DIR resu
 """
 
 import json
-import math
 import random
 from pathlib import Path
 
@@ -249,6 +248,4 @@ class Pretrainer:
 
 
 def run_pretrain(cfg):
-    if not math.isfinite(cfg.SOLVER.BASE_LR):
-        raise UserError("SOLVER.BASE_LR must be finite")
     return Pretrainer(cfg).run()

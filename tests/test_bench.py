@@ -145,7 +145,7 @@ def test_reports_in_markdown_csv_and_latex(local_sweep, tmp_path):
     ap = summary["metrics"]["bbox/AP"]
     md = run_cli("report", out)
     assert md.returncode == 0
-    assert f"| R18 | " in md.stdout and f"{ap['mean']:.1f} ± {ap['std']:.1f}" in md.stdout and "(n=2)" in md.stdout
+    assert "| R18 | " in md.stdout and f"{ap['mean']:.1f} ± {ap['std']:.1f}" in md.stdout and "(n=2)" in md.stdout
     assert "VOC 07 (mini) det. AP50 / AP / AP75" in md.stdout and "LR search: R18" in md.stdout
     assert run_cli("report", out, "--format", "csv", "--out", tmp_path / "t.csv").returncode == 0
     rows = list(csv.DictReader(io.StringIO((tmp_path / "t.csv").read_text())))

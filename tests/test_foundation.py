@@ -38,7 +38,7 @@ def test_fallback_compiled_ops_fail_with_one_clear_error():
     from detectron2.layers import nms_rotated
 
     with pytest.raises(RuntimeError, match=r"deformable convolution .* needs detectron2's compiled extension"):
-        _C.deform_conv_forward
+        _C.deform_conv_forward(torch.zeros(1))
     with pytest.raises(RuntimeError, match=r"rotated-box NMS"):
         nms_rotated(torch.zeros(2, 5), torch.zeros(2), 0.5)
     from detectron2.evaluation.fast_eval_api import COCOeval_opt  # noqa: F401  (import must still work)
