@@ -1,13 +1,14 @@
 """SimSiam training loop: one process or torchrun/DDP, AMP on GPU, resume, monitors, checkpoints.
 
-Per epoch it records ``{"epoch", "loss", "z_std", "lr", "knn_top1"?}`` (``epoch`` is 1-based:
-the number of epochs completed) to ``OUTPUT_DIR/metrics.jsonl`` and TensorBoard, then writes
+Per epoch it records ``{"epoch", "loss", "z_std", "lr", "steps", "time_s", "knn_top1"?}``
+(``epoch`` is 1-based: the number of epochs completed; ``time_s`` the epoch's training time) to ``OUTPUT_DIR/metrics.jsonl`` and TensorBoard, then writes
 checkpoints atomically. A killed run started again with the same OUTPUT_DIR resumes from
 ``checkpoint_last.pth``: at most the epoch in flight is lost.
 """
 
 import json
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -171,7 +172,7 @@ class Pretrainer:
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
             buffer = []
         bar.close()
-        return float(np.mean(losses)), float(np.mean(stds))
+        return float(np.mean(losses)), float(np.mean(stds)), len(losses)
 
     # -- monitors -----------------------------------------------------------------------------
     def knn_top1(self):
@@ -213,8 +214,10 @@ class Pretrainer:
             for epoch in range(self.start_epoch, cfg.SOLVER.EPOCHS):
                 lr = lr_at_epoch(self.init_lr, epoch, cfg.SOLVER.EPOCHS, cfg.SOLVER.WARMUP_EPOCHS)
                 apply_lr(self.optimizer, lr, self.init_lr)
-                loss, z_std = self.train_one_epoch(epoch)
-                record = {"epoch": epoch + 1, "loss": loss, "z_std": z_std, "lr": lr}
+                start = time.perf_counter()
+                loss, z_std, steps = self.train_one_epoch(epoch)
+                record = {"epoch": epoch + 1, "loss": loss, "z_std": z_std, "lr": lr, "steps": steps,
+                          "time_s": round(time.perf_counter() - start, 3)}
                 last = epoch + 1 == cfg.SOLVER.EPOCHS
                 if (epoch + 1) % cfg.MONITOR.KNN_PERIOD == 0 or last:
                     if self.dist.is_main:

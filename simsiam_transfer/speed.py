@@ -10,7 +10,7 @@ is included. Prints one JSON object; exits 0.
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
 import tempfile
@@ -19,14 +19,15 @@ from pathlib import Path
 
 
 def _timed(args):
-    """Run ``simsiam-transfer ARGS`` in a child; (wall seconds, peak RSS MiB of the children)."""
+    """Run ``simsiam-transfer ARGS`` in a child; (wall seconds, that child's peak RSS in MiB)."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "simsiam_transfer.cli", *map(str, args)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"speed: {' '.join(map(str, args[:2]))} failed: {proc.stderr[-500:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return time.perf_counter() - start, round(peak, 1)
+    proc = subprocess.Popen([sys.executable, "-m", "simsiam_transfer.cli", *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stderr = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"speed: {' '.join(map(str, args[:2]))} failed: {stderr[-500:]}")
+    return time.perf_counter() - start, round(usage.ru_maxrss / 1024, 1)
 
 
 def measure(workdir):
@@ -42,7 +43,9 @@ def measure(workdir):
     wall, rss = _timed(["pretrain", "--config", "pretrain/simsiam_R_18_mini.yaml", "DATA.TRAIN_DIR", data / "unlabeled",
                         "DATA.KNN_TRAIN_DIR", "", "DATA.KNN_VAL_DIR", "", "DATA.NUM_WORKERS", 1, "SOLVER.EPOCHS", 1,
                         "SOLVER.MAX_ITERS_PER_EPOCH", steps, "OUTPUT_DIR", work / "pretrain"])
-    pretrain = {"backbone": "resnet18", "crop_px": 64, "batch": 64, "steps": steps,
+    epoch = json.loads((work / "pretrain/metrics.jsonl").read_text().splitlines()[0])
+    pretrain = {"backbone": "resnet18", "crop_px": 64, "batch": 64, "steps": epoch["steps"],
+                "s_per_step": round(epoch["time_s"] / epoch["steps"], 3),
                 "wall_s_including_startup": round(wall, 1), "peak_rss_mib": rss}
 
     torch.save(torchvision.models.resnet50(weights=None).state_dict(), work / "r50.pth")
@@ -58,7 +61,7 @@ def measure(workdir):
     finetune = {"config": "faster_rcnn_R_18_C4_voc07_mini", "iterations": 40,
                 "s_per_iter": round(iter_times[-1], 3) if iter_times else None,
                 "wall_s_including_eval": round(wall, 1), "peak_rss_mib": rss}
-    return {"machine": {"cpus": __import__("os").cpu_count(), "cuda": torch.cuda.is_available()},
+    return {"machine": {"cpus": os.cpu_count(), "cuda": torch.cuda.is_available()},
             "versions": library_versions(), "pretrain": pretrain, "convert": convert, "finetune": finetune}
 
 
