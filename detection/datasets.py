@@ -85,6 +85,21 @@ def load_catalog(path):
     return specs
 
 
+def load_coco_instances(json_file, image_root, name):
+    """detectron2's COCO loader, with one clear error for a malformed json or a missing image."""
+    from detectron2.data.datasets import load_coco_json
+
+    hint = f"run `simsiam-transfer data check --coco {json_file} --image-root {image_root}`"
+    try:
+        dicts = load_coco_json(json_file, image_root, name)
+    except (ValueError, KeyError, TypeError, AssertionError) as exc:  # JSONDecodeError is a ValueError
+        raise UserError(f"{json_file}: malformed COCO json ({type(exc).__name__}: {str(exc)[:120]}); {hint}") from None
+    for record in dicts:
+        if not os.path.isfile(record["file_name"]):
+            raise UserError(f"{record['file_name']}: image listed in {json_file} is missing; {hint}")
+    return dicts
+
+
 def _replace(name, loader, **metadata):
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
@@ -102,10 +117,8 @@ def register_spec(name, spec):
                  thing_classes=classes, dirname=str(root), split=split,
                  year=int(spec.get("year", 2007)), evaluator_type="pascal_voc")
     else:
-        from detectron2.data.datasets import load_coco_json
-
         json_file, image_root = str(spec["json"]), str(spec["image_root"])
-        _replace(name, lambda: load_coco_json(json_file, image_root, name),
+        _replace(name, lambda: load_coco_instances(json_file, image_root, name),
                  json_file=json_file, image_root=image_root, evaluator_type="coco")
 
 

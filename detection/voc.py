@@ -67,8 +67,12 @@ def load_voc_instances(root, split, class_names):
                 "bbox_mode": BoxMode.XYXY_ABS,
                 "difficult": obj["difficult"],
             })
+        image = root / "JPEGImages" / f"{file_id}.jpg"
+        if not image.is_file():
+            raise UserError(f"{image}: image listed in ImageSets/Main/{split}.txt is missing; "
+                            f"run `simsiam-transfer data check --voc {root}`")
         dicts.append({
-            "file_name": str(root / "JPEGImages" / f"{file_id}.jpg"),
+            "file_name": str(image),
             "image_id": file_id,
             "height": height,
             "width": width,

@@ -5,6 +5,7 @@ traceback, no partial output), 1 anything else.
 """
 
 import argparse
+import logging
 import sys
 import warnings
 
@@ -224,6 +225,8 @@ def add_launch_arguments(p, config=True):
 def main(argv=None):
     # detectron2 0.6 scripts ops at import; torch now warns about that on every run.
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+    # torch logs "No CUDA runtime is found" whenever detectron2 imports cpp_extension on a CPU machine.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -229,3 +229,27 @@ def test_extra_norm_registered_by_importing_the_package():
     from detectron2.modeling import ROI_HEADS_REGISTRY
 
     assert ROI_HEADS_REGISTRY.get("Res5ROIHeadsExtraNorm").__module__ == "detection.heads"
+
+
+def test_finetune_on_broken_data_is_one_clear_error(synthetic, r18_pkl, tmp_path, capsys):
+    root = _copy_voc(synthetic, tmp_path)
+    first = (root / "ImageSets/Main/trainval.txt").read_text().split()[0]
+    (root / "Annotations" / f"{first}.xml").write_text("<annotation><size><width>9</width>")
+    catalog = tmp_path / "c.yaml"
+    catalog.write_text(f"synthetic_voc_trainval:\n  format: voc\n  root: {root}\n  split: trainval\n"
+                       "  classes: [disk, square, triangle]\n"
+                       f"synthetic_voc_test:\n  format: voc\n  root: {root}\n  split: test\n"
+                       "  classes: [disk, square, triangle]\n")
+    args = ["finetune", "--config", MINI["voc07"], "--weights", r18_pkl, "--datasets", catalog, *SHORT,
+            "OUTPUT_DIR", tmp_path / "out"]
+    assert cli_main(*args) == 2
+    err = capsys.readouterr().err
+    assert f"{first}.xml: malformed annotation XML" in err and err.count("\n") == 1
+    assert not (tmp_path / "out/metrics.json").exists()
+    coco = tmp_path / "coco.json"
+    coco.write_text("{\"images\": [")
+    catalog.write_text(f"synthetic_coco_train:\n  format: coco\n  json: {coco}\n  image_root: {tmp_path}\n"
+                       f"synthetic_coco_val:\n  format: coco\n  json: {coco}\n  image_root: {tmp_path}\n")
+    args[args.index(MINI["voc07"])] = MINI["coco_1x"]
+    assert cli_main(*args) == 2
+    assert "malformed COCO json" in capsys.readouterr().err
