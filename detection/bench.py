@@ -9,6 +9,7 @@ retries failed ones up to ``--max-retries``.
 
 import fcntl
 import hashlib
+import json
 import threading
 from pathlib import Path
 
@@ -69,8 +70,10 @@ class Bench:
         weights = args.weights if args.weights == "none" else str(Path(args.weights).resolve())
         if weights != "none" and not Path(weights).is_file():
             raise UserError(f"--weights {args.weights}: file not found (a converted .pkl, or 'none')")
-        if args.search not in protocol.SEARCH_MODES:
-            raise UserError(f"--search {args.search}: use one of {protocol.SEARCH_MODES}")
+        # Refuse bad arguments before anything is written.
+        self.lrs = protocol.parse_lrs(args.lrs) if args.lrs else None
+        if args.trials < 1:
+            raise UserError(f"--trials must be >= 1, got {args.trials}")
         if args.max_retries < 0:
             raise UserError("--max-retries must be >= 0")
         self.settings = {
@@ -88,8 +91,6 @@ class Bench:
         path = self.out / SETTINGS
         if not path.is_file():
             return
-        import json
-
         saved = json.loads(path.read_text())
         changed = [k for k in FIXED_SETTINGS if saved.get(k) != self.settings.get(k)]
         if changed:
@@ -199,9 +200,8 @@ class Bench:
 
     def _run_locked(self):
         self._check_settings()
-        lrs = protocol.parse_lrs(self.args.lrs) if self.args.lrs else None
-        cfg = self._preflight(lrs[0] if lrs else None)
-        lrs = lrs or [float(cfg.SOLVER.BASE_LR)]
+        cfg = self._preflight(self.lrs[0] if self.lrs else None)
+        lrs = self.lrs or [float(cfg.SOLVER.BASE_LR)]
         self.settings["lrs"] = lrs
         atomic.write_json(self.out / SETTINGS, self.settings)
         print(f"[bench] {self.settings['name']} on {self.settings['benchmark']}: LRs {lrs}, "
@@ -239,8 +239,6 @@ def _abs(path):
 
 def write_outputs(directory):
     """summary.json, table.md and ap_vs_lr.png of one bench folder, from its run store."""
-    import json
-
     from detection.report import load_bench, render, plot_ap_vs_lr
 
     directory = Path(directory)
@@ -253,4 +251,4 @@ def write_outputs(directory):
     t = summary["trials"]
     print(f"[bench] trials: {t['done']} done, {t['failed']} failed, {t['unfinished']} unfinished; "
           f"summary in {directory / 'summary.json'}")
-    return json.loads(json.dumps(summary))
+    return summary

@@ -17,7 +17,6 @@ BENCHMARKS = {
     "coco_1x_mini": "detection/COCO-InstanceSegmentation/mask_rcnn_R_18_C4_1x_mini.yaml",
     "coco_2x_mini": "detection/COCO-InstanceSegmentation/mask_rcnn_R_18_C4_2x_mini.yaml",
 }
-SEARCH_MODES = ("full", "best-then-repeat")
 DEFAULT_METRIC = "bbox/AP"  # AP for VOC, box AP for COCO
 SEED_BASE = 1000
 

@@ -177,7 +177,10 @@ def test_bad_bench_inputs_exit_2_without_a_run_store(synthetic, r18_pkl, tmp_pat
     for lrs in ("0.02,abc", "0,0.1", "0.1,0.1"):
         assert cli_main(*_bench_args(synthetic, r18_pkl, tmp_path / "a", lrs=lrs)) == 2
         assert "--lrs" in capsys.readouterr().err
-    assert not (tmp_path / "a" / "runs.jsonl").exists()
+    args = _bench_args(synthetic, r18_pkl, tmp_path / "a")
+    args[args.index("--trials") + 1] = "0"
+    assert cli_main(*args) == 2 and "--trials must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
     args = _bench_args(synthetic, r18_pkl, tmp_path / "b")
     args[args.index("--benchmark") + 1] = "voc2099"
     assert cli_main(*args) == 2 and "--benchmark voc2099" in capsys.readouterr().err
