@@ -163,8 +163,22 @@ def plot_ap_vs_lr(benches, path, metric="bbox/AP"):
     plt.close(fig)
 
 
+def load_benches(dirs):
+    """Bench folders for one table; two folders may not claim the same row and benchmark."""
+    benches, seen = [], {}
+    for directory in dirs:
+        bench = load_bench(directory)
+        key = (bench["summary"]["name"], bench["summary"]["benchmark"])
+        if key in seen:
+            raise UserError(f"{seen[key]} and {directory} both hold {key[0]!r} on {key[1]}; "
+                            "give one of them another --name or leave it out")
+        seen[key] = directory
+        benches.append(bench)
+    return benches
+
+
 def report_command(args):
-    benches = [load_bench(d) for d in args.dirs]
+    benches = load_benches(args.dirs)
     text = render(benches, args.format)
     if args.out:
         atomic.write_text(args.out, text)

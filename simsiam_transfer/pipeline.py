@@ -158,9 +158,9 @@ class Pipeline:
         return "done"
 
     def stage_report(self):
-        from detection.report import load_bench, plot_ap_vs_lr, render
+        from detection.report import load_benches, plot_ap_vs_lr, render
 
-        benches = [load_bench(d) for d in self.bench_dirs()]
+        benches = load_benches(self.bench_dirs())
         ext = {"md": "md", "csv": "csv", "latex": "tex"}[self.cfg.REPORT.FORMAT]
         path = self.out / f"report.{ext}"
         text = render(benches, self.cfg.REPORT.FORMAT)

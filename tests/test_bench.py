@@ -152,6 +152,8 @@ def test_reports_in_markdown_csv_and_latex(local_sweep, tmp_path):
     sel = [r for r in rows if r["selected"] == "True" and r["metric"] == "bbox/AP"]
     assert len(sel) == 1 and float(sel[0]["mean"]) == pytest.approx(ap["mean"]) and sel[0]["n"] == "2"
     assert (tmp_path / "t_ap_vs_lr.png").is_file()
+    twice = run_cli("report", out, out)
+    assert twice.returncode == 2 and "both hold 'R18' on voc07_mini" in twice.stderr
     latex = run_cli("report", out, "--format", "latex")
     assert r"\begin{tabular}" in latex.stdout and rf"{ap['mean']:.1f} $\pm$ {ap['std']:.1f}" in latex.stdout
     assert "% LR search: R18 on VOC 07 (mini)" in latex.stdout and latex.stdout.count(r"\begin{tabular}") == 2
