@@ -137,3 +137,22 @@ def test_make_synthetic_is_deterministic_and_uses_real_layouts(tmp_path):
 def test_cli_usage_errors_exit_2():
     proc = run_cli("finetune", "--config")
     assert proc.returncode == 2
+
+
+def test_doctor_exits_1_when_detectron2_does_not_import(tmp_path):
+    broken = tmp_path / "detectron2"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise ImportError('simulated broken install')\n")
+    proc = run_cli("doctor", env={"PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 1
+    assert "NOT IMPORTABLE: simulated broken install" in proc.stdout and "install_detectron2" in proc.stderr
+
+
+def test_fallback_archive_with_another_checksum_is_refused(tmp_path, monkeypatch):
+    def fake_pip(*args, timeout=None):
+        (tmp_path / inst.FALLBACK_SDIST).write_bytes(b"not the real archive")
+        return 0
+
+    monkeypatch.setattr(inst, "_pip", fake_pip)
+    with pytest.raises(inst.InstallError, match="is not the pinned"):
+        inst.fetch_fallback_sdist(tmp_path)
