@@ -133,6 +133,13 @@ class Pretrainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
+    def _finite_everywhere(self, loss):
+        """Every rank must stop together, or the others would wait in the next all-reduce."""
+        finite = torch.isfinite(loss.detach()).float().reshape(1)
+        if self.dist.distributed:
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        return bool(finite.item())
+
     def _to_device(self, x):
         x = x.to(self.device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
@@ -159,12 +166,12 @@ class Pretrainer:
             for j, (x1, x2, index) in enumerate(buffer):
                 loss, z1 = self._loss(self._to_device(x1), self._to_device(x2), index,
                                       cached[j] if cached else None)
-                if not torch.isfinite(loss):
+                if not self._finite_everywhere(loss):
                     bar.close()
-                    raise TrainingDiverged(
-                        f"loss became {loss.item()} at epoch {epoch + 1}, iteration {it + 1}; the last good "
-                        f"checkpoint ({self.out / checkpoint.LAST}, {self.start_epoch} epochs) is kept. "
-                        "Lower SOLVER.BASE_LR or check the ablation settings")
+                    kept = (f"the last good checkpoint ({self.out / checkpoint.LAST}, {epoch} epochs) is kept"
+                            if epoch else "no checkpoint had been written yet")
+                    raise TrainingDiverged(f"loss became {loss.item()} at epoch {epoch + 1}, iteration {it + 1}; "
+                                           f"{kept}. Lower SOLVER.BASE_LR or check the ablation settings")
                 self._step(loss)
                 losses.append(loss.item())
                 stds.append(normalized_std(z1).item())
