@@ -83,18 +83,22 @@ def per_lr_stats(records, metric_keys):
     return out
 
 
-def select_lr(records, metric, lrs, mode="full"):
-    """The LR with the highest mean ``metric``: over all done trials (full) or over trial 0 only
-    (best-then-repeat, so the later trials at the chosen LR cannot change the choice); None if
-    no LR has a value."""
-    best, best_value = None, -math.inf
+def selection_values(records, metric, lrs, mode="full"):
+    """{lr: the value the LR is judged by}: the mean ``metric`` over all done trials (full) or the
+    trial-0 value (best-then-repeat, so later trials at the chosen LR cannot change the choice)."""
+    out = {}
     for lr in lrs:
         values = [r["metrics"].get(metric) for r in records if r["lr"] == lr and r["status"] == "done"
                   and (mode == "full" or r["trial"] == 0)]
         values = [v for v in values if v is not None]
-        if values and statistics.fmean(values) > best_value:
-            best, best_value = lr, statistics.fmean(values)
-    return best
+        out[lr] = statistics.fmean(values) if values else None
+    return out
+
+
+def select_lr(records, metric, lrs, mode="full"):
+    """The LR with the highest selection value (see ``selection_values``); None if no LR has one."""
+    scored = {lr: v for lr, v in selection_values(records, metric, lrs, mode).items() if v is not None}
+    return max(scored, key=scored.get) if scored else None
 
 
 REPORTED_METRICS = ("bbox/AP50", "bbox/AP", "bbox/AP75", "segm/AP50", "segm/AP", "segm/AP75")
@@ -105,6 +109,7 @@ def build_summary(settings, records):
     records = [r for r in records if r["lr"] in settings["lrs"]]
     present = [k for k in REPORTED_METRICS if any(k in (r.get("metrics") or {}) for r in records)]
     by_lr = per_lr_stats(records, present)
+    judged_by = selection_values(records, settings["metric"], settings["lrs"], settings["search"])
     selected = select_lr(records, settings["metric"], settings["lrs"], settings["search"])
     at_selected = [r for r in records if r["lr"] == selected and r["status"] == "done"]
     rule = ("highest mean {m} over all trials of each LR" if settings["search"] == "full"
@@ -118,7 +123,8 @@ def build_summary(settings, records):
         "selection": {"search": settings["search"], "metric": settings["metric"],
                       "rule": rule.format(m=settings["metric"])},
         "metrics": {k: mean_std([r["metrics"].get(k) for r in at_selected]) for k in present},
-        "lr_search": [{"lr": lr, "selected": lr == selected, **stats} for lr, stats in by_lr.items()],
+        "lr_search": [{"lr": lr, "selected": lr == selected, "selection_value": judged_by.get(lr), **stats}
+                      for lr, stats in by_lr.items()],
         "trials": {"done": sum(r["status"] == "done" for r in records),
                    "failed": sum(r["status"] == "failed" for r in records),
                    "unfinished": sum(r["status"] in ("queued", "running") for r in records)},

@@ -86,18 +86,24 @@ def render(benches, fmt="md"):
 
 
 def _lr_rows(summary):
+    """Header and rows of an LR-search table; the first value column is what the LR was judged by."""
     metrics = [k for k in ("bbox/AP50", "bbox/AP", "bbox/AP75", "segm/AP50", "segm/AP", "segm/AP75")
                if k in summary["metrics"]]
-    return metrics, [[f"{e['lr']:g}" + (" *" if e["selected"] else "")] + [_fmt(e.get(k)) for k in metrics]
-                     + [str(e["trials"]["done"]), str(e["trials"]["failed"])] for e in summary["lr_search"]]
+    sel = summary["selection"]
+    judged = f"{sel['metric']} ({'trial 0' if sel['search'] == 'best-then-repeat' else 'mean'})"
+    header = ["LR", judged] + metrics + ["done", "failed"]
+    rows = [[f"{e['lr']:g}" + (" *" if e["selected"] else ""),
+             "–" if e.get("selection_value") is None else f"{e['selection_value']:.1f}"]
+            + [_fmt(e.get(k)) for k in metrics] + [str(e["trials"]["done"]), str(e["trials"]["failed"])]
+            for e in summary["lr_search"]]
+    return header, rows
 
 
 def _lr_table_md(summary):
-    metrics, rows = _lr_rows(summary)
+    header, rows = _lr_rows(summary)
     sel = summary["selection"]
     title = (f"LR search: {summary['name']} on {benchmark_title(summary['benchmark'])} "
              f"(* selected by {sel['metric']}: {sel['rule']})")
-    header = ["LR"] + metrics + ["done", "failed"]
     return [title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
             *["| " + " | ".join(r) + " |" for r in rows]]
 
@@ -126,8 +132,7 @@ def _latex(headers, body, benches):
     lines += [" & ".join(esc(c) for c in row) + r" \\" for row in body]
     lines += [r"\bottomrule", r"\end{tabular}"]
     for b in benches:
-        metrics, rows = _lr_rows(b["summary"])
-        header = ["LR"] + metrics + ["done", "failed"]
+        header, rows = _lr_rows(b["summary"])
         sel = b["summary"]["selection"]
         lines += ["", f"% LR search: {b['summary']['name']} on {benchmark_title(b['summary']['benchmark'])} "
                       f"(* selected by {sel['metric']})",

@@ -51,6 +51,9 @@ def test_selection_and_aggregation():
     assert protocol.select_lr(records, "bbox/AP", [0.02, 0.05, 0.1], "best-then-repeat") == 0.05
     assert protocol.select_lr(records, "bbox/AP", [0.02, 0.05, 0.1], "full") == 0.02
     assert protocol.select_lr([_rec(0.1, 0, None, "failed")], "bbox/AP", [0.1]) is None
+    assert protocol.selection_values(records, "bbox/AP", [0.02, 0.05, 0.1], "best-then-repeat") == \
+        {0.02: 40.0, 0.05: 42.0, 0.1: None}
+    assert protocol.selection_values(records, "bbox/AP", [0.05], "full") == {0.05: 36.0}
     stats = protocol.mean_std([1.0, 2.0, 4.0])
     assert stats == {"mean": pytest.approx(7 / 3), "std": pytest.approx(statistics.stdev([1, 2, 4])), "n": 3}
     assert protocol.mean_std([5.0])["std"] is None
@@ -147,6 +150,9 @@ def test_reports_in_markdown_csv_and_latex(local_sweep, tmp_path):
     assert md.returncode == 0
     assert "| R18 | " in md.stdout and f"{ap['mean']:.1f} ± {ap['std']:.1f}" in md.stdout and "(n=2)" in md.stdout
     assert "VOC 07 (mini) det. AP50 / AP / AP75" in md.stdout and "LR search: R18" in md.stdout
+    selected = next(e for e in summary["lr_search"] if e["selected"])
+    assert selected["selection_value"] == pytest.approx(ap["mean"])  # full search: judged by the mean
+    assert f"| {selected['lr']:g} * | {ap['mean']:.1f} |" in md.stdout and "bbox/AP (mean)" in md.stdout
     assert run_cli("report", out, "--format", "csv", "--out", tmp_path / "t.csv").returncode == 0
     rows = list(csv.DictReader(io.StringIO((tmp_path / "t.csv").read_text())))
     sel = [r for r in rows if r["selected"] == "True" and r["metric"] == "bbox/AP"]
