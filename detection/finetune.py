@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 
 from simsiam_transfer import atomic
 from simsiam_transfer.config import merge_config, resolve_config
-from simsiam_transfer.errors import UserError
+from simsiam_transfer.errors import TrainingDiverged, UserError
 from simsiam_transfer.versions import library_versions
 
 logger = logging.getLogger("simsiam_transfer.finetune")
@@ -77,7 +76,7 @@ def build_cfg(job):
 
 
 def preflight(job):
-    """Validate inputs, fix the seed, and return (job with explicit SEED, cfg, registered specs)."""
+    """Validate inputs, fix the seed, and return (job with an explicit SEED, its cfg)."""
     from detection.datasets import check_dataset_names, register_datasets
 
     if job.weights != "none":
@@ -99,8 +98,11 @@ def preflight(job):
     if cfg.SEED < 0:
         seed = random.SystemRandom().randrange(2**31)
         job = dataclasses.replace(job, overrides=list(job.overrides) + ["SEED", str(seed)])
-        cfg = build_cfg(job)
-    return job, cfg, specs
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.SEED = seed
+        cfg.freeze()
+    return job, cfg
 
 
 def flatten_results(results):
@@ -167,30 +169,22 @@ def run_finetune(job):
     """Pre-flight, then detectron2's ``launch``; returns the metrics record."""
     from detectron2.engine import launch
 
-    job, cfg, _ = preflight(job)
+    job, cfg = preflight(job)
     Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
     try:
         launch(_worker, job.num_gpus, num_machines=job.num_machines, machine_rank=job.machine_rank,
                dist_url=job.dist_url, args=(job,))
     except FloatingPointError as exc:
-        raise TrainingDiverged(str(exc)) from None
+        raise TrainingDiverged(f"{exc}; lower SOLVER.BASE_LR or check the weights") from None
     metrics_path = Path(cfg.OUTPUT_DIR) / "metrics.json"
     return json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
-
-
-class TrainingDiverged(RuntimeError):
-    """detectron2 stopped on a NaN/inf loss."""
 
 
 def finetune_command(args):
     job = FinetuneJob(config_file=args.config, weights=args.weights, overrides=args.overrides,
                       data_root=args.data_root, datasets=args.datasets, num_gpus=torch.cuda.device_count() if args.num_gpus is None else args.num_gpus,
                       num_machines=args.num_machines, machine_rank=args.machine_rank, dist_url=args.dist_url)
-    try:
-        record = run_finetune(job)
-    except TrainingDiverged as exc:
-        print(f"error: training diverged: {exc}; lower SOLVER.BASE_LR or check the weights", file=sys.stderr)
-        return 1
+    record = run_finetune(job)
     keys = [k for k in record if k.split("/")[-1] in ("AP", "AP50", "AP75")]
     print(" ".join(f"{k}={record[k]:.2f}" for k in keys if record[k] is not None))
     return 0

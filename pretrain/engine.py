@@ -26,12 +26,8 @@ from pretrain.model import build_model
 from pretrain.schedule import apply_lr, initial_lr, lr_at_epoch
 from pretrain.targets import MovingAverageTargets, cached_targets
 from simsiam_transfer import atomic
-from simsiam_transfer.errors import UserError
+from simsiam_transfer.errors import TrainingDiverged, UserError
 from simsiam_transfer.versions import library_versions
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf; the last good checkpoint is kept."""
 
 
 def seed_everything(seed):

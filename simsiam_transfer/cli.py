@@ -9,7 +9,7 @@ import logging
 import sys
 import warnings
 
-from simsiam_transfer.errors import UserError
+from simsiam_transfer.errors import TrainingDiverged, UserError
 
 SOURCE_NAMES = ("simsiam-transfer", "simsiam", "moco", "byol", "torchvision")
 
@@ -49,14 +49,10 @@ def _finetune(args):
 
 def _pretrain(args):
     from pretrain.config import load_cfg
-    from pretrain.engine import TrainingDiverged, run_pretrain
+    from pretrain.engine import run_pretrain
 
     cfg = load_cfg(args.config, args.overrides)
-    try:
-        history = run_pretrain(cfg)
-    except TrainingDiverged as exc:
-        print(f"error: training diverged: {exc}", file=sys.stderr)
-        return 1
+    history = run_pretrain(cfg)
     if history:
         print(f"done: {len(history)} epoch(s), final loss {history[-1]['loss']:.4f}; "
               f"checkpoints in {cfg.OUTPUT_DIR}")
@@ -73,14 +69,9 @@ def _linear(args):
 
 
 def _fig2(args):
-    from pretrain.engine import TrainingDiverged
     from pretrain.fig2 import run_fig2
 
-    try:
-        summary = run_fig2(args.config, args.output_dir, args.overrides)
-    except TrainingDiverged as exc:
-        print(f"error: training diverged: {exc}", file=sys.stderr)
-        return 1
+    summary = run_fig2(args.config, args.output_dir, args.overrides)
     for name, run in summary["runs"].items():
         print(f"{name:>17}: loss {run['final_loss']:.3f}  z_std*sqrt(d) {run['final_z_std_times_sqrt_d']:.3f}"
               + (f"  kNN {run['final_knn_top1']:.1f}%" if run["final_knn_top1"] is not None else ""))
@@ -102,14 +93,9 @@ def _report(args):
 
 
 def _pipeline(args):
-    from pretrain.engine import TrainingDiverged
     from simsiam_transfer.pipeline import Pipeline, load_pipeline_cfg
 
-    try:
-        Pipeline(load_pipeline_cfg(args.config, args.overrides)).run()
-    except TrainingDiverged as exc:
-        print(f"error: pretraining diverged: {exc}", file=sys.stderr)
-        return 1
+    Pipeline(load_pipeline_cfg(args.config, args.overrides)).run()
     return 0
 
 
@@ -233,6 +219,9 @@ def main(argv=None):
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except TrainingDiverged as exc:
+        print(f"error: training diverged: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
