@@ -106,7 +106,7 @@ class Bench:
                           overrides=self.settings["overrides"] + lr_override,
                           datasets=self.settings["datasets"], data_root=self.settings["data_root"],
                           num_gpus=self.settings["num_gpus"])
-        _, cfg, _ = preflight(job)
+        _, cfg = preflight(job)
         return cfg
 
     # -- trials -----------------------------------------------------------------------------------
@@ -244,10 +244,11 @@ def write_outputs(directory):
     directory = Path(directory)
     bench = load_bench(directory)
     atomic.write_json(directory / "summary.json", bench["summary"])
-    atomic.write_text(directory / "table.md", render([bench], "md"))
+    table = render([bench], "md")
+    atomic.write_text(directory / "table.md", table)
     plot_ap_vs_lr([bench], directory / "ap_vs_lr.png")
     summary = bench["summary"]
-    print(render([bench], "md"))
+    print(table)
     t = summary["trials"]
     print(f"[bench] trials: {t['done']} done, {t['failed']} failed, {t['unfinished']} unfinished; "
           f"summary in {directory / 'summary.json'}")

@@ -77,8 +77,6 @@ def run_trial_process(spec, env=None):
 class LocalExecutor:
     """Trials in sequence on CPU or one GPU; with several GPUs, one single-GPU trial per GPU at once."""
 
-    name = "local"
-
     def __init__(self, gpus_per_trial=0):
         visible = torch.cuda.device_count()
         self.slots = max(1, visible // gpus_per_trial) if gpus_per_trial and visible else 1
@@ -123,7 +121,6 @@ class SubmititExecutor:
                  cpus_per_task=None, poll_s=1.0, max_parallel=None):
         import submitit
 
-        self.name = "slurm" if cluster == "slurm" else "submitit-local"
         self.executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
         params = {"timeout_min": timeout_min, "tasks_per_node": 1, "nodes": 1}
         if gpus_per_trial:

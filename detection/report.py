@@ -66,14 +66,14 @@ def _cell(summary, task, latex=False):
 
 
 def render(benches, fmt="md"):
+    if fmt == "csv":
+        return _csv(benches)
     cols = _columns(benches)
     names = list(dict.fromkeys(b["summary"]["name"] for b in benches))
     by = {(b["summary"]["name"], b["summary"]["benchmark"]): b["summary"] for b in benches}
     headers = ["pre-train"] + [f"{benchmark_title(bm)} {TASKS[t]} AP50 / AP / AP75" for bm, t in cols]
     body = [[name] + [_cell(by[(name, bm)], t, fmt == "latex") if (name, bm) in by else "–" for bm, t in cols]
             for name in names]
-    if fmt == "csv":
-        return _csv(benches)
     if fmt == "latex":
         return _latex(headers, body, benches)
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]

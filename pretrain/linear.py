@@ -8,7 +8,6 @@ val views resize + centre crop. Top-1 on the val folder is written per epoch to
 ``OUTPUT_DIR/linear/metrics.jsonl``; the run resumes from ``OUTPUT_DIR/linear/checkpoint_last.pth``.
 """
 
-import json
 from pathlib import Path
 
 import torch
@@ -18,9 +17,9 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from pretrain.data import IMAGENET_MEAN, IMAGENET_STD, LabeledFolder, eval_transform
-from pretrain.engine import seed_everything
+from pretrain.engine import seed_everything, write_metrics_file
 from pretrain.model import SimSiam
-from pretrain.schedule import initial_lr, lr_at_epoch
+from pretrain.schedule import apply_lr, initial_lr, lr_at_epoch
 from simsiam_transfer import atomic
 from simsiam_transfer.errors import UserError
 
@@ -95,8 +94,7 @@ def run_linear(cfg):
         optimizer.load_state_dict(state["optimizer"])
         start, history = state["epoch"], state["history"]
     for epoch in range(start, cfg.LINEAR.EPOCHS):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at_epoch(init_lr, epoch, cfg.LINEAR.EPOCHS)
+        apply_lr(optimizer, lr_at_epoch(init_lr, epoch, cfg.LINEAR.EPOCHS), init_lr)
         classifier.train()
         for images, labels in tqdm(train_loader, desc=f"linear {epoch + 1}/{cfg.LINEAR.EPOCHS}", leave=False):
             with torch.no_grad():
@@ -109,7 +107,7 @@ def run_linear(cfg):
         history.append({"epoch": epoch + 1, "loss": loss.item(), "top1": top1})
         atomic.torch_save({"classifier": classifier.state_dict(), "optimizer": optimizer.state_dict(),
                            "epoch": epoch + 1, "history": history}, ckpt_path)
-        atomic.write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+        write_metrics_file(out, history)
     result = {"pretrained": pretrained, "top1": history[-1]["top1"],
               "best_top1": max(h["top1"] for h in history), "epochs": cfg.LINEAR.EPOCHS}
     atomic.write_json(out / "result.json", result)

@@ -132,9 +132,10 @@ class Pipeline:
             rows.append(("scratch", "none"))
         return rows
 
-    def bench_dirs(self):
-        return [self.out / "bench" / bm / _slug(name) for bm in self.cfg.BENCH.BENCHMARKS
-                for name, _ in self.bench_rows()]
+    def bench_jobs(self):
+        """(benchmark, row name, weights, bench folder) for every benchmark and row."""
+        return [(bm, name, weights, self.out / "bench" / bm / _slug(name))
+                for bm in self.cfg.BENCH.BENCHMARKS for name, weights in self.bench_rows()]
 
     def stage_bench(self):
         from detection.bench import Bench
@@ -142,25 +143,24 @@ class Pipeline:
 
         b = self.cfg.BENCH
         datasets = self.cfg.DATA.DATASETS or (str(self.data_dir / "datasets.yaml") if self.cfg.DATA.SYNTHETIC else "")
-        for bm in b.BENCHMARKS:
-            for name, weights in self.bench_rows():
-                argv = ["bench", "--benchmark", bm, "--weights", weights, "--name", name,
-                        "--output-dir", str(self.out / "bench" / bm / _slug(name)), "--trials", str(b.TRIALS),
-                        "--search", b.SEARCH, "--metric", b.METRIC, "--executor", b.EXECUTOR,
-                        "--max-retries", str(b.MAX_RETRIES)]
-                argv += ["--lrs", ",".join(repr(float(lr)) for lr in b.LRS)] if b.LRS else []
-                argv += ["--datasets", datasets] if datasets else []
-                argv += ["--data-root", self.cfg.DATA.DATA_ROOT] if self.cfg.DATA.DATA_ROOT else []
-                argv += ["--num-gpus", str(b.NUM_GPUS)] if b.NUM_GPUS >= 0 else []
-                summary = Bench(build_parser().parse_args(argv + list(b.OVERRIDES))).run()
-                if summary["selected_lr"] is None:
-                    raise UserError(f"bench {bm} / {name}: every trial failed; see {self.out / 'bench' / bm}")
+        for bm, name, weights, folder in self.bench_jobs():
+            argv = ["bench", "--benchmark", bm, "--weights", weights, "--name", name,
+                    "--output-dir", str(folder), "--trials", str(b.TRIALS),
+                    "--search", b.SEARCH, "--metric", b.METRIC, "--executor", b.EXECUTOR,
+                    "--max-retries", str(b.MAX_RETRIES)]
+            argv += ["--lrs", ",".join(repr(float(lr)) for lr in b.LRS)] if b.LRS else []
+            argv += ["--datasets", datasets] if datasets else []
+            argv += ["--data-root", self.cfg.DATA.DATA_ROOT] if self.cfg.DATA.DATA_ROOT else []
+            argv += ["--num-gpus", str(b.NUM_GPUS)] if b.NUM_GPUS >= 0 else []
+            summary = Bench(build_parser().parse_args(argv + list(b.OVERRIDES))).run()
+            if summary["selected_lr"] is None:
+                raise UserError(f"bench {bm} / {name}: every trial failed; see {folder}")
         return "done"
 
     def stage_report(self):
         from detection.report import load_benches, plot_ap_vs_lr, render
 
-        benches = load_benches(self.bench_dirs())
+        benches = load_benches([folder for *_, folder in self.bench_jobs()])
         ext = {"md": "md", "csv": "csv", "latex": "tex"}[self.cfg.REPORT.FORMAT]
         path = self.out / f"report.{ext}"
         text = render(benches, self.cfg.REPORT.FORMAT)
