@@ -18,7 +18,7 @@ import logging
 import numpy as np
 import torch
 
-from simsiam_transfer.config import resolve_config
+from simsiam_transfer.config import merge_file
 from simsiam_transfer.errors import UserError
 
 C4_CONFIG = "detection/Base-RCNN-C4-BN.yaml"
@@ -37,7 +37,7 @@ def c4_config(depth, stride_in_1x1=False):
     from detectron2.config import get_cfg
 
     cfg = get_cfg()
-    cfg.merge_from_file(str(resolve_config(C4_CONFIG)))
+    merge_file(cfg, C4_CONFIG)
     cfg.MODEL.RESNETS.DEPTH = depth
     cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64 if depth < 50 else 256
     cfg.MODEL.RESNETS.NORM = "BN"

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from simsiam_transfer import atomic
-from simsiam_transfer.config import merge_config, resolve_config
+from simsiam_transfer.config import merge_file, merge_overrides, resolve_config
 from simsiam_transfer.errors import TrainingDiverged, UserError
 from simsiam_transfer.versions import library_versions
 
@@ -59,7 +59,8 @@ def build_cfg(job):
     from detectron2.config import get_cfg
 
     cfg = get_cfg()
-    merge_config(cfg, resolve_config(job.config_file), job.overrides)
+    merge_file(cfg, job.config_file)
+    merge_overrides(cfg, job.overrides)
     cfg.MODEL.WEIGHTS = "" if job.weights == "none" else str(job.weights)
     if not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"

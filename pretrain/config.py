@@ -1,13 +1,13 @@
-"""Pretraining config (yacs ``CfgNode``, like detectron2): defaults are the paper's baseline recipe.
+"""Pretraining config (fvcore ``CfgNode``, as detectron2; ``_BASE_`` works): defaults are the paper's baseline recipe.
 
 Every ablation of the paper is a key here (see README, "Paper ablations").
 """
 
 import math
 
-from yacs.config import CfgNode as CN
-
-from simsiam_transfer.config import merge_config
+from simsiam_transfer.config import CfgNode as CN
+from simsiam_transfer.config import load
+from simsiam_transfer.errors import UserError
 
 _C = CN()
 _C.SEED = 0
@@ -79,8 +79,6 @@ CHOICES = {
 
 def validate(cfg, source="config"):
     """Values yacs cannot check by type; returns nothing, raises UserError naming the key."""
-    from simsiam_transfer.errors import UserError
-
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
         value = cfg[section][name]
@@ -108,7 +106,4 @@ def validate(cfg, source="config"):
 
 
 def load_cfg(config_file=None, overrides=()):
-    cfg = merge_config(get_cfg(), config_file, overrides)
-    validate(cfg, config_file or "defaults")
-    cfg.freeze()
-    return cfg
+    return load(_C, config_file, overrides, validate)

@@ -1,20 +1,33 @@
-"""Config-file plumbing shared by every stage: locate configs, merge files and KEY VALUE overrides."""
+"""The one config loader of every stage: fvcore ``CfgNode`` (as detectron2), loaded safely.
+
+Every YAML the project reads as a config goes through ``load`` / ``merge_file``: ``_BASE_``
+inheritance, ``KEY VALUE`` overrides, and ``yaml.safe_load`` only. A YAML tag that would build a
+Python object (``!!python/object/apply:os.system``) is refused with one line naming the file and
+the tag; nothing in it runs. detectron2's own ``merge_from_file`` defaults to unsafe loading, so
+detection configs come through here too.
+"""
 
 from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import yaml
+from fvcore.common.config import CfgNode
 
 from simsiam_transfer.errors import UserError
+
+__all__ = ["CfgNode", "config_root", "resolve_config", "merge_file", "merge_overrides", "load", "safe_yaml"]
 
 _CHECKOUT_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # pyproject maps configs/ to the package data folder simsiam_transfer/configs in a wheel.
 _INSTALLED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
-def config_root():
+def config_root() -> Path:
     """``configs/`` of a checkout, or the copy installed as package data by ``pip install .``."""
     return _CHECKOUT_CONFIGS if _CHECKOUT_CONFIGS.is_dir() else _INSTALLED_CONFIGS
 
 
-def resolve_config(name):
+def resolve_config(name) -> Path:
     """A path as given, else a path relative to the shipped configs (``detection/voc07_mini.yaml``)."""
     path = Path(name)
     if path.is_file():
@@ -25,25 +38,52 @@ def resolve_config(name):
     raise UserError(f"config file not found: {name} (neither a file nor under {config_root()})")
 
 
-def _key_error_text(exc):
+def _yaml_error_line(path, exc) -> str:
+    """One line for a YAML error: a refused tag names the tag, a syntax error its position."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    where = f" (line {mark.line + 1})" if mark is not None else ""
+    if isinstance(exc, yaml.constructor.ConstructorError):
+        tag = problem.split("tag", 1)[-1].strip(" '").replace("tag:yaml.org,2002:", "!!")
+        return (f"{path}{where}: refused the YAML tag {tag}: configs are data and are loaded without "
+                "building Python objects; remove the tag")
+    return f"{path}{where}: not valid YAML ({problem})"
+
+
+def safe_yaml(path):
+    """``yaml.safe_load`` of a data file (catalogs, saved configs) with the one-line error contract."""
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        raise UserError(_yaml_error_line(path, exc)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: unreadable ({exc.__class__.__name__}: {exc})") from None
+
+
+def _key_error_text(exc) -> str:
     return exc.args[0] if exc.args else str(exc)
 
 
-def merge_config(cfg, config_file=None, overrides=()):
-    """Merge a YAML file then ``KEY VALUE`` overrides into a yacs/fvcore CfgNode, with clear errors."""
-    if config_file:
-        path = resolve_config(config_file)
-        try:
-            cfg.merge_from_file(str(path))
-        except KeyError as exc:
-            raise UserError(f"{path}: {_key_error_text(exc)}; remove or rename that key") from None
-        except (ValueError, AssertionError) as exc:
-            raise UserError(f"{path}: {exc}") from None
-        except Exception as exc:  # YAML syntax errors come from several libraries
-            if type(exc).__name__.endswith(("YAMLError", "ScannerError", "ParserError")):
-                raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-            raise
-    overrides = list(overrides)
+def merge_file(cfg: CfgNode, config_file) -> Path:
+    """Merge one YAML (with its ``_BASE_`` chain) into ``cfg``, safely; returns the resolved path."""
+    path = resolve_config(config_file)
+    try:
+        cfg.merge_from_file(str(path), allow_unsafe=False)
+    except yaml.YAMLError as exc:
+        raise UserError(_yaml_error_line(path, exc)) from None
+    except KeyError as exc:
+        raise UserError(f"{path}: {_key_error_text(exc)}; remove or rename that key") from None
+    except (ValueError, AssertionError, TypeError) as exc:
+        raise UserError(f"{path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: unreadable ({exc.__class__.__name__}: {exc})") from None
+    return path
+
+
+def merge_overrides(cfg: CfgNode, overrides: Iterable = ()) -> CfgNode:
+    """Merge ``KEY VALUE`` pairs (values parsed as Python literals, never executed)."""
+    overrides = [str(o) for o in overrides]
     if len(overrides) % 2:
         raise UserError(f"overrides must be KEY VALUE pairs, got an odd list: {' '.join(overrides)}")
     for key, value in zip(overrides[0::2], overrides[1::2]):
@@ -51,6 +91,32 @@ def merge_config(cfg, config_file=None, overrides=()):
             cfg.merge_from_list([key, value])
         except KeyError as exc:
             raise UserError(f"override {key}: {_key_error_text(exc)}; check the key's spelling") from None
-        except (ValueError, AssertionError) as exc:
+        except (ValueError, AssertionError, TypeError) as exc:
             raise UserError(f"override {key} {value}: {exc}") from None
+    return cfg
+
+
+def merge_node(cfg: CfgNode, node, where: str) -> CfgNode:
+    """Merge a nested node (e.g. a pipeline's ``PRETRAIN.CFG``) into ``cfg``, naming ``where`` on error."""
+    try:
+        cfg.merge_from_other_cfg(CfgNode(node) if not isinstance(node, CfgNode) else node)
+    except KeyError as exc:
+        raise UserError(f"{where}: {_key_error_text(exc)}; check the key's spelling") from None
+    except (ValueError, AssertionError, TypeError) as exc:
+        raise UserError(f"{where}: {exc}") from None
+    return cfg
+
+
+def load(defaults: CfgNode, config_file=None, overrides: Iterable = (),
+         validate: Optional[Callable[[CfgNode, str], None]] = None, freeze: bool = True) -> CfgNode:
+    """defaults <- config file (``_BASE_`` chain) <- ``KEY VALUE`` overrides, validated and frozen."""
+    cfg = defaults.clone()
+    source = "defaults"
+    if config_file:
+        source = str(merge_file(cfg, config_file))
+    merge_overrides(cfg, overrides)
+    if validate is not None:
+        validate(cfg, source)
+    if freeze:
+        cfg.freeze()
     return cfg

@@ -16,10 +16,9 @@ import re
 import time
 from pathlib import Path
 
-from yacs.config import CfgNode as CN
-
 from simsiam_transfer import atomic
-from simsiam_transfer.config import merge_config
+from simsiam_transfer.config import CfgNode as CN
+from simsiam_transfer.config import load
 from simsiam_transfer.errors import UserError
 
 _P = CN()
@@ -51,9 +50,7 @@ _P.REPORT.FORMAT = "md"
 
 
 def load_pipeline_cfg(config_file, overrides=()):
-    cfg = merge_config(_P.clone(), config_file, overrides)
-    cfg.freeze()
-    return cfg
+    return load(_P, config_file, overrides)
 
 
 def _slug(text):
