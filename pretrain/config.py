@@ -105,5 +105,6 @@ def validate(cfg, source="config"):
         raise UserError(f"{source}: SOLVER.WARMUP_EPOCHS must be < SOLVER.EPOCHS")
 
 
-def load_cfg(config_file=None, overrides=()):
-    return load(_C, config_file, overrides, validate)
+def load_cfg(config_file=None, overrides=(), nodes=()):
+    """The frozen pretraining config: defaults <- file <- nested ``(node, where)`` pairs <- overrides."""
+    return load(_C, config_file, overrides, validate, nodes=nodes)

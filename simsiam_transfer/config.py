@@ -8,14 +8,15 @@ detection configs come through here too.
 """
 
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Tuple
 
 import yaml
 from fvcore.common.config import CfgNode
 
 from simsiam_transfer.errors import UserError
 
-__all__ = ["CfgNode", "config_root", "resolve_config", "merge_file", "merge_overrides", "load", "safe_yaml"]
+__all__ = ["CfgNode", "config_root", "resolve_config", "merge_file", "merge_overrides", "merge_node", "load",
+           "safe_yaml", "flatten"]
 
 _CHECKOUT_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # pyproject maps configs/ to the package data folder simsiam_transfer/configs in a wheel.
@@ -108,15 +109,31 @@ def merge_node(cfg: CfgNode, node, where: str) -> CfgNode:
 
 
 def load(defaults: CfgNode, config_file=None, overrides: Iterable = (),
-         validate: Optional[Callable[[CfgNode, str], None]] = None, freeze: bool = True) -> CfgNode:
-    """defaults <- config file (``_BASE_`` chain) <- ``KEY VALUE`` overrides, validated and frozen."""
+         validate: Optional[Callable[[CfgNode, str], None]] = None, freeze: bool = True,
+         nodes: Iterable[Tuple[Any, str]] = ()) -> CfgNode:
+    """defaults <- config file (``_BASE_`` chain) <- nested ``(node, where)`` pairs <- ``KEY VALUE``
+    overrides, then validated and frozen."""
     cfg = defaults.clone()
     source = "defaults"
     if config_file:
         source = str(merge_file(cfg, config_file))
+    for node, where in nodes:
+        merge_node(cfg, node, where)
+        source = where
     merge_overrides(cfg, overrides)
     if validate is not None:
         validate(cfg, source)
     if freeze:
         cfg.freeze()
     return cfg
+
+
+def flatten(node, prefix: str = "") -> list:
+    """A nested node as a ``KEY VALUE`` list (values as Python literals) for a process boundary."""
+    out: list = []
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out += flatten(value, f"{prefix}{key}.")
+        else:
+            out += [f"{prefix}{key}", repr(value)]
+    return out

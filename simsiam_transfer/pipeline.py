@@ -1,25 +1,47 @@
-"""``simsiam-transfer pipeline --config FILE [KEY VALUE ...]``: pretrain -> convert -> bench -> report.
+"""``simsiam-transfer pipeline --config FILE [KEY VALUE ...]``: the rows of a Table 5, end to end.
 
-Each stage is resumable on its own (pretraining resumes from its checkpoint, conversion is
-skipped when its output is newer than the checkpoint, bench skips finished trials), so running
-the same command again continues at the first unfinished stage. ``OUTPUT_DIR/pipeline.json``
-records each stage's status; the layout is::
+A pipeline config lists ``ROWS``; each row is one line of the table and gets its weights one way:
 
-    OUTPUT_DIR/data/                  generated datasets (DATA.SYNTHETIC)
-    OUTPUT_DIR/pretrain/              pretraining run
-    OUTPUT_DIR/weights.pkl            converted + verified detectron2 weights (+ .report.json)
-    OUTPUT_DIR/bench/<benchmark>/<row>/   one bench folder per benchmark and row
+    PRETRAIN.CONFIG set   pretrained here (nested ``PRETRAIN.CFG`` keys merged over that YAML), run
+                          as its own process group: ``torchrun --nproc_per_node PRETRAIN.NPROC_PER_NODE``
+    WEIGHTS <file>        a checkpoint in any layout the converter reads (``SOURCE`` picks one)
+    WEIGHTS none          random init, the paper's "scratch" row
+    WEIGHTS torchvision:<NAME>   torchvision's ImageNet-supervised ResNet-50 (``IMAGENET1K_V1``);
+                          the first run needs network, torchvision caches the file
+
+then every row is converted (verified), benchmarked on every ``BENCH.BENCHMARKS`` entry (LR search
+x trials, ``BENCH.TRIALS_PER_BENCHMARK`` per benchmark) and reported. Each stage resumes on its own,
+so running the same command again continues at the first unfinished stage; ``pipeline.json``
+records each stage's status. Layout::
+
+    OUTPUT_DIR/data/                          generated datasets (DATA.SYNTHETIC)
+    OUTPUT_DIR/rows/<row>/pretrain/           a row's pretraining run
+    OUTPUT_DIR/rows/<row>/weights.pkl         its converted, verified weights (+ .report.json)
+    OUTPUT_DIR/bench/<benchmark>/<row>/       one bench folder per benchmark and row
     OUTPUT_DIR/report.md (+ report_ap_vs_lr.png)
 """
 
+import dataclasses
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import List, Optional
 
+import torch
+
+from convert.command import convert_checkpoint, print_summary, report_path
+from detection import protocol
+from detection.bench import Bench
+from detection.report import load_benches, plot_ap_vs_lr, render
+from pretrain import checkpoint
+from pretrain.config import load_cfg as load_pretrain_cfg
 from simsiam_transfer import atomic
 from simsiam_transfer.config import CfgNode as CN
-from simsiam_transfer.config import load
+from simsiam_transfer.config import flatten, load, merge_node
 from simsiam_transfer.errors import UserError
+from simsiam_transfer.synthetic import make_synthetic
 
 _P = CN()
 _P.OUTPUT_DIR = "runs/pipeline"
@@ -29,40 +51,111 @@ _P.DATA.SYNTHETIC_SEED = 0
 _P.DATA.DATASETS = ""            # dataset catalog for fine-tuning (default with SYNTHETIC: the generated one)
 _P.DATA.DATA_ROOT = ""           # root of the standard VOC/COCO folders
 _P.PRETRAIN = CN()
-_P.PRETRAIN.CONFIG = "pretrain/simsiam_R_50_200ep_b256_base.yaml"
-_P.PRETRAIN.OVERRIDES = []
+_P.PRETRAIN.NPROC_PER_NODE = -1  # pretraining processes: -1 = one per visible GPU (1 on CPU)
+_P.ROWS = CN(new_allowed=True)   # row id -> _ROW keys; ids name folders, so [A-Za-z0-9._-]
 _P.CONVERT = CN()
 _P.CONVERT.VERIFY = True
 _P.BENCH = CN()
-_P.BENCH.NAME = "SimSiam"
 _P.BENCH.BENCHMARKS = ["voc07", "voc0712", "coco_1x"]
 _P.BENCH.LRS = []                # fine-tuning SOLVER.BASE_LR grid; empty = each config's BASE_LR
-_P.BENCH.TRIALS = 5
+_P.BENCH.TRIALS = 5              # trials at the selected LR
+_P.BENCH.TRIALS_PER_BENCHMARK = CN(new_allowed=True)  # e.g. {coco_1x: 1}: the paper averages only VOC
 _P.BENCH.SEARCH = "best-then-repeat"
 _P.BENCH.METRIC = "bbox/AP"
-_P.BENCH.SCRATCH = False         # also bench random init (the paper's "scratch" row)
 _P.BENCH.EXECUTOR = "local"
-_P.BENCH.NUM_GPUS = -1           # -1 = all visible GPUs
+_P.BENCH.NUM_GPUS = -1           # GPUs per trial; -1 = bench's default
 _P.BENCH.MAX_RETRIES = 1
-_P.BENCH.OVERRIDES = []
+_P.BENCH.CFG = CN(new_allowed=True)  # nested detectron2 keys applied to every fine-tune
 _P.REPORT = CN()
 _P.REPORT.FORMAT = "md"
 
+_ROW = CN()
+_ROW.NAME = ""                   # label in the report (default: the row id)
+_ROW.WEIGHTS = ""                # none / a checkpoint / torchvision:<NAME>; empty = pretrain here
+_ROW.SOURCE = "auto"             # the converter's --source for WEIGHTS files
+_ROW.PRETRAIN = CN()
+_ROW.PRETRAIN.CONFIG = ""        # pretraining YAML (a path, or relative to configs/)
+_ROW.PRETRAIN.CFG = CN(new_allowed=True)  # nested pretraining keys merged over CONFIG
+
+_ROW_ID = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+@dataclasses.dataclass
+class Row:
+    """One line of the table and how its weights are made."""
+
+    id: str
+    name: str
+    weights: str = ""            # "" when pretrained here
+    source: str = "auto"
+    pretrain_config: str = ""
+    pretrain_cfg: Optional[CN] = None
+
+    @property
+    def pretrained_here(self) -> bool:
+        return not self.weights
+
+    @property
+    def scratch(self) -> bool:
+        return self.weights == "none"
+
+
+def _row(row_id: str, node) -> Row:
+    where = f"ROWS.{row_id}"
+    if not _ROW_ID.match(row_id):
+        raise UserError(f"{where}: row ids name folders; use letters, digits, '.', '_' or '-' (put the label in NAME)")
+    cfg = merge_node(_ROW.clone(), node, where)
+    if bool(cfg.WEIGHTS) == bool(cfg.PRETRAIN.CONFIG):
+        raise UserError(f"{where}: set exactly one of WEIGHTS (none, a checkpoint, torchvision:<NAME>) "
+                        "and PRETRAIN.CONFIG")
+    if cfg.WEIGHTS and len(cfg.PRETRAIN.CFG):
+        raise UserError(f"{where}.PRETRAIN.CFG: only rows pretrained here (PRETRAIN.CONFIG) take pretraining keys")
+    return Row(id=row_id, name=cfg.NAME or row_id, weights=cfg.WEIGHTS, source=cfg.SOURCE,
+               pretrain_config=cfg.PRETRAIN.CONFIG, pretrain_cfg=cfg.PRETRAIN.CFG)
+
+
+def _validate(cfg, source):
+    if not len(cfg.ROWS):
+        raise UserError(f"{source}: ROWS is empty; list at least one row (see configs/pipeline/mini.yaml)")
+    for row_id, node in cfg.ROWS.items():
+        _row(row_id, node)
+    for bm in cfg.BENCH.BENCHMARKS:
+        if bm not in protocol.BENCHMARKS and not bm.endswith((".yaml", ".yml")):
+            raise UserError(f"{source}: BENCH.BENCHMARKS {bm!r} is not one of {sorted(protocol.BENCHMARKS)} "
+                            "nor a .yaml config")
+    for bm, trials in cfg.BENCH.TRIALS_PER_BENCHMARK.items():
+        if bm not in cfg.BENCH.BENCHMARKS:
+            raise UserError(f"{source}: BENCH.TRIALS_PER_BENCHMARK.{bm}: not in BENCH.BENCHMARKS")
+        if not isinstance(trials, int) or trials < 1:
+            raise UserError(f"{source}: BENCH.TRIALS_PER_BENCHMARK.{bm} must be an integer >= 1, got {trials!r}")
+    if cfg.BENCH.LRS:
+        protocol.parse_lrs(",".join(repr(float(lr)) for lr in cfg.BENCH.LRS))
+    if cfg.REPORT.FORMAT not in ("md", "csv", "latex"):
+        raise UserError(f"{source}: REPORT.FORMAT {cfg.REPORT.FORMAT!r} is not one of md, csv, latex")
+
 
 def load_pipeline_cfg(config_file, overrides=()):
-    return load(_P, config_file, overrides)
+    return load(_P, config_file, overrides, _validate)
 
 
-def _slug(text):
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "row"
+def pretrain_processes(requested: int) -> int:
+    """Processes for a pretraining run: as configured, else one per visible GPU (1 on CPU)."""
+    return requested if requested > 0 else max(1, torch.cuda.device_count())
+
+
+def pretrain_command(config_path, nproc: int) -> List[str]:
+    """One process runs the CLI directly; several run under torchrun on this node."""
+    cli = ["-m", "simsiam_transfer.cli", "pretrain", "--config", str(config_path)]
+    if nproc == 1:
+        return [sys.executable, *cli]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *cli]
 
 
 class Pipeline:
-    STAGES = ("data", "pretrain", "convert", "bench", "report")
-
     def __init__(self, cfg):
         self.cfg = cfg
         self.out = Path(cfg.OUTPUT_DIR)
+        self.rows = [_row(row_id, node) for row_id, node in cfg.ROWS.items()]
         self.state_path = self.out / "pipeline.json"
         self.state = {"stages": {}}
 
@@ -72,91 +165,113 @@ class Pipeline:
         print(f"[pipeline] {stage}: {status}", flush=True)
 
     @property
-    def data_dir(self):
+    def data_dir(self) -> Path:
         return self.out / "data"
 
+    def row_dir(self, row: Row) -> Path:
+        return self.out / "rows" / row.id
+
+    def weights_path(self, row: Row) -> str:
+        return "none" if row.scratch else str(self.row_dir(row) / "weights.pkl")
+
+    # -- stages ---------------------------------------------------------------------------------
     def stage_data(self):
         if not self.cfg.DATA.SYNTHETIC:
             return "skipped (DATA.SYNTHETIC False)"
         if (self.data_dir / "datasets.yaml").is_file():
             return "done earlier"
-        from simsiam_transfer.synthetic import make_synthetic
-
         make_synthetic(self.data_dir, seed=self.cfg.DATA.SYNTHETIC_SEED)
         return "done"
 
-    def pretrain_cfg(self):
-        from pretrain.config import load_cfg
-
-        overrides = list(self.cfg.PRETRAIN.OVERRIDES)
+    def pretrain_cfg(self, row: Row):
+        """The row's resolved pretraining config; every key error names ``ROWS.<row>.PRETRAIN.CFG``."""
+        overrides = ["OUTPUT_DIR", str(self.row_dir(row) / "pretrain")]
         if self.cfg.DATA.SYNTHETIC:
             overrides += ["DATA.TRAIN_DIR", str(self.data_dir / "unlabeled"),
                           "DATA.KNN_TRAIN_DIR", str(self.data_dir / "labeled/train"),
                           "DATA.KNN_VAL_DIR", str(self.data_dir / "labeled/val")]
-        return load_cfg(self.cfg.PRETRAIN.CONFIG, overrides + ["OUTPUT_DIR", str(self.out / "pretrain")])
+        return load_pretrain_cfg(row.pretrain_config, overrides,
+                                 nodes=[(row.pretrain_cfg, f"ROWS.{row.id}.PRETRAIN.CFG")])
 
-    def stage_pretrain(self):
-        import torch
-
-        from pretrain import checkpoint
-        from pretrain.engine import run_pretrain
-
-        cfg = self.pretrain_cfg()
+    def stage_pretrain(self, row: Row):
+        cfg = self.pretrain_cfg(row)
         last = Path(cfg.OUTPUT_DIR) / checkpoint.LAST
-        if last.is_file() and torch.load(last, weights_only=True)["epoch"] >= cfg.SOLVER.EPOCHS:
+        if last.is_file() and checkpoint.load(last)["epoch"] >= cfg.SOLVER.EPOCHS:
             return "done earlier"
-        run_pretrain(cfg)
+        config_path = self.row_dir(row) / "pretrain_config.yaml"
+        atomic.write_text(config_path, cfg.dump())
+        nproc = pretrain_processes(self.cfg.PRETRAIN.NPROC_PER_NODE)
+        proc = subprocess.run(pretrain_command(config_path, nproc))
+        if proc.returncode:
+            raise UserError(f"pretraining of row {row.id} stopped with exit {proc.returncode} (its error is "
+                            f"above); fix it and run the pipeline again, it resumes from {cfg.OUTPUT_DIR}")
+        return f"done ({nproc} process{'es' if nproc > 1 else ''})"
+
+    def _source_checkpoint(self, row: Row) -> Path:
+        if row.pretrained_here:
+            return self.row_dir(row) / "pretrain" / checkpoint.LAST
+        if row.weights.startswith("torchvision:"):
+            return self._torchvision_checkpoint(row)
+        path = Path(row.weights)
+        if not path.is_file():
+            raise UserError(f"ROWS.{row.id}.WEIGHTS {row.weights}: file not found")
+        return path
+
+    def _torchvision_checkpoint(self, row: Row) -> Path:
+        import torchvision
+
+        name = row.weights.split(":", 1)[1]
+        try:
+            weights = torchvision.models.ResNet50_Weights[name]
+        except KeyError:
+            names = [w.name for w in torchvision.models.ResNet50_Weights]
+            raise UserError(f"ROWS.{row.id}.WEIGHTS {row.weights}: torchvision has no ResNet-50 weights "
+                            f"{name!r}; one of {names}") from None
+        path = self.row_dir(row) / f"torchvision_resnet50_{name}.pth"
+        if not path.is_file():
+            try:
+                state = weights.get_state_dict(progress=True)
+            except Exception as exc:  # no network, proxy, or a corrupt cache
+                raise UserError(f"ROWS.{row.id}.WEIGHTS {row.weights}: could not get torchvision's weights "
+                                f"({type(exc).__name__}: {exc}); run once with network, or give the saved "
+                                "file as WEIGHTS with SOURCE torchvision") from None
+            atomic.torch_save(state, path)
+        return path
+
+    def stage_convert(self, row: Row):
+        source = self._source_checkpoint(row)
+        weights = Path(self.weights_path(row))
+        if (weights.is_file() and report_path(weights).is_file()
+                and weights.stat().st_mtime >= source.stat().st_mtime):
+            return "done earlier"
+        src = "torchvision" if row.weights.startswith("torchvision:") else row.source
+        print_summary(convert_checkpoint(source, weights, source=src, verify=self.cfg.CONVERT.VERIFY))
         return "done"
 
-    @property
-    def weights(self):
-        return self.out / "weights.pkl"
+    def trials(self, benchmark: str) -> int:
+        return int(self.cfg.BENCH.TRIALS_PER_BENCHMARK.get(benchmark, self.cfg.BENCH.TRIALS))
 
-    def stage_convert(self):
-        from convert.command import convert_checkpoint, print_summary, report_path
-        from pretrain import checkpoint
-
-        source = self.out / "pretrain" / checkpoint.LAST
-        if (self.weights.is_file() and report_path(self.weights).is_file()
-                and self.weights.stat().st_mtime >= source.stat().st_mtime):
-            return "done earlier"
-        print_summary(convert_checkpoint(source, self.weights, verify=self.cfg.CONVERT.VERIFY))
-        return "done"
-
-    def bench_rows(self):
-        rows = [(self.cfg.BENCH.NAME, str(self.weights))]
-        if self.cfg.BENCH.SCRATCH:
-            rows.append(("scratch", "none"))
-        return rows
+    def bench_folder(self, benchmark: str, row: Row) -> Path:
+        return self.out / "bench" / Path(benchmark).stem / row.id
 
     def bench_jobs(self):
-        """(benchmark, row name, weights, bench folder) for every benchmark and row."""
-        return [(bm, name, weights, self.out / "bench" / bm / _slug(name))
-                for bm in self.cfg.BENCH.BENCHMARKS for name, weights in self.bench_rows()]
+        return [(bm, row, self.bench_folder(bm, row)) for bm in self.cfg.BENCH.BENCHMARKS for row in self.rows]
 
-    def stage_bench(self):
-        from detection.bench import Bench
-        from simsiam_transfer.cli import build_parser
-
+    def stage_bench(self, benchmark: str, row: Row):
         b = self.cfg.BENCH
         datasets = self.cfg.DATA.DATASETS or (str(self.data_dir / "datasets.yaml") if self.cfg.DATA.SYNTHETIC else "")
-        for bm, name, weights, folder in self.bench_jobs():
-            argv = ["bench", "--benchmark", bm, "--weights", weights, "--name", name,
-                    "--output-dir", str(folder), "--trials", str(b.TRIALS),
-                    "--search", b.SEARCH, "--metric", b.METRIC, "--executor", b.EXECUTOR,
-                    "--max-retries", str(b.MAX_RETRIES)]
-            argv += ["--lrs", ",".join(repr(float(lr)) for lr in b.LRS)] if b.LRS else []
-            argv += ["--datasets", datasets] if datasets else []
-            argv += ["--data-root", self.cfg.DATA.DATA_ROOT] if self.cfg.DATA.DATA_ROOT else []
-            argv += ["--num-gpus", str(b.NUM_GPUS)] if b.NUM_GPUS >= 0 else []
-            summary = Bench(build_parser().parse_args(argv + list(b.OVERRIDES))).run()
-            if summary["selected_lr"] is None:
-                raise UserError(f"bench {bm} / {name}: every trial failed; see {folder}")
+        folder = self.bench_folder(benchmark, row)
+        summary = Bench(_sweep_args(
+            benchmark=benchmark, weights=self.weights_path(row), name=row.name, output_dir=str(folder),
+            trials=self.trials(benchmark), search=b.SEARCH, metric=b.METRIC, executor=b.EXECUTOR,
+            max_retries=b.MAX_RETRIES, lrs=",".join(repr(float(lr)) for lr in b.LRS) if b.LRS else None,
+            datasets=datasets or None, data_root=self.cfg.DATA.DATA_ROOT or None,
+            num_gpus=b.NUM_GPUS if b.NUM_GPUS >= 0 else None, overrides=flatten(b.CFG))).run()
+        if summary["selected_lr"] is None:
+            raise UserError(f"bench {benchmark} / {row.id}: every trial failed; see {folder}")
         return "done"
 
     def stage_report(self):
-        from detection.report import load_benches, plot_ap_vs_lr, render
-
         benches = load_benches([folder for *_, folder in self.bench_jobs()])
         ext = {"md": "md", "csv": "csv", "latex": "tex"}[self.cfg.REPORT.FORMAT]
         path = self.out / f"report.{ext}"
@@ -166,10 +281,35 @@ class Pipeline:
         print(text)
         return f"done ({path})"
 
+    def stages(self):
+        """(stage name, callable) in order; each callable returns its status line."""
+        plan = [("data", self.stage_data)]
+        for row in self.rows:
+            if row.pretrained_here:
+                plan.append((f"pretrain:{row.id}", lambda row=row: self.stage_pretrain(row)))
+            if not row.scratch:
+                plan.append((f"convert:{row.id}", lambda row=row: self.stage_convert(row)))
+        for bm, row, _ in self.bench_jobs():
+            plan.append((f"bench:{bm}:{row.id}", lambda bm=bm, row=row: self.stage_bench(bm, row)))
+        plan.append(("report", self.stage_report))
+        return plan
+
     def run(self):
+        # Every row's pretraining config must load before anything runs: a typo costs nothing.
+        for row in self.rows:
+            if row.pretrained_here:
+                self.pretrain_cfg(row)
         self.out.mkdir(parents=True, exist_ok=True)
         atomic.write_text(self.out / "pipeline_config.yaml", self.cfg.dump())
-        for stage in self.STAGES:
-            self._mark(stage, "running")
-            self._mark(stage, getattr(self, f"stage_{stage}")())
+        for name, stage in self.stages():
+            self._mark(name, "running")
+            self._mark(name, stage())
         return self.state
+
+
+def _sweep_args(**fields):
+    """Bench settings as keywords (replaced by the typed sweep spec)."""
+    import argparse
+
+    defaults = dict(keep_checkpoints=False, slurm_partition=None, slurm_time=4320, slurm_cpus_per_task=None)
+    return argparse.Namespace(**{**defaults, **fields})

@@ -202,27 +202,6 @@ def test_a_folder_holds_one_sweep(local_sweep, synthetic, r18_pkl, capsys):
     assert "use a new --output-dir" in capsys.readouterr().err
 
 
-def test_pipeline_runs_every_stage_and_resumes(tmp_path):
-    args = ["pipeline", "--config", "pipeline/mini.yaml", "OUTPUT_DIR", tmp_path,
-            "PRETRAIN.OVERRIDES", "['SOLVER.EPOCHS', '1', 'SOLVER.BATCH_SIZE', '32', 'DATA.IMAGE_SIZE', '32', "
-            "'DATA.NUM_WORKERS', '0', 'SOLVER.MAX_ITERS_PER_EPOCH', '2']",
-            "BENCH.BENCHMARKS", "['coco_1x_mini']", "BENCH.LRS", "[0.02]", "BENCH.TRIALS", "1",
-            "BENCH.SCRATCH", "False", "BENCH.OVERRIDES", str(SHORT)]
-    proc = run_cli(*args)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    state = json.loads((tmp_path / "pipeline.json").read_text())
-    assert [s["status"][:4] for s in state["stages"].values()] == ["done"] * 5
-    report = (tmp_path / "report.md").read_text()
-    assert "SimSiam R18 (mini)" in report and "COCO 1x (mini) seg. AP50 / AP / AP75" in report
-    assert json.loads((tmp_path / "weights.pkl.report.json").read_text())["source"] == "simsiam-transfer"
-    again = run_cli(*args)
-    assert again.returncode == 0
-    state = json.loads((tmp_path / "pipeline.json").read_text())
-    assert state["stages"]["pretrain"]["status"] == "done earlier"
-    assert state["stages"]["convert"]["status"] == "done earlier"
-    assert "running (attempt" not in again.stdout
-
-
 def test_two_benches_cannot_share_a_folder(local_sweep, synthetic, r18_pkl, capsys):
     import fcntl
 

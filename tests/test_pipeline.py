@@ -1,0 +1,126 @@
+"""The pipeline: rows, nested configs, per-benchmark trials, pretraining under torchrun, resume."""
+
+import json
+import sys
+
+import pytest
+
+from conftest import REPO, run_cli
+from simsiam_transfer.config import config_root
+from simsiam_transfer.errors import UserError
+from simsiam_transfer.pipeline import Pipeline, load_pipeline_cfg, pretrain_command
+
+MINI = config_root() / "pipeline" / "mini.yaml"
+
+
+def _write(tmp_path, text, name="p.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_shipped_pipelines_plan_their_rows_and_trials():
+    table5 = Pipeline(load_pipeline_cfg("pipeline/table5.yaml"))
+    assert [r.name for r in table5.rows] == ["scratch", "ImageNet supervised", "SimSiam, base", "SimSiam, optimal"]
+    assert table5.trials("voc07") == 5 and table5.trials("voc0712") == 5 and table5.trials("coco_1x") == 1
+    optimal = table5.pretrain_cfg(table5.rows[3])
+    assert (optimal.SOLVER.BASE_LR, optimal.SOLVER.WEIGHT_DECAY, optimal.SOLVER.FIX_PRED_LR) == (0.5, 1e-5, True)
+    assert optimal.DATA.TRAIN_DIR == "datasets/imagenet/train"
+    stages = [name for name, _ in table5.stages()]
+    assert "pretrain:scratch" not in stages and "convert:scratch" not in stages
+    assert stages.index("convert:simsiam_base") > stages.index("pretrain:simsiam_base")
+    mini = Pipeline(load_pipeline_cfg("pipeline/mini.yaml"))
+    no_sg = [r for r in mini.rows if r.id == "simsiam_no_sg"][0]
+    assert mini.pretrain_cfg(no_sg).MODEL.STOP_GRADIENT is False
+    assert mini.pretrain_cfg(mini.rows[1]).MODEL.STOP_GRADIENT is True
+
+
+@pytest.mark.parametrize("rows, message", [
+    ("  bad row: {WEIGHTS: none}", "ROWS.bad row: row ids name folders"),
+    ("  r: {WEIGHTS: none, PRETRAIN: {CONFIG: pretrain/simsiam_R_18_mini.yaml}}", "ROWS.r: set exactly one"),
+    ("  r: {NAME: x}", "ROWS.r: set exactly one"),
+    ("  r: {WEIGHT: none}", "ROWS.r: Non-existent config key: WEIGHT"),
+    ("  r: {PRETRAIN: {CONFIG: pretrain/simsiam_R_18_mini.yaml, CFG: {SOLVER: {EPOCS: 3}}}}",
+     "ROWS.r.PRETRAIN.CFG: Non-existent config key: SOLVER.EPOCS"),
+    ("  r: {PRETRAIN: {CONFIG: pretrain/simsiam_R_18_mini.yaml, CFG: {MODEL: {PREDICTOR: big}}}}",
+     "ROWS.r.PRETRAIN.CFG: MODEL.PREDICTOR 'big' is not one of"),
+])
+def test_row_mistakes_are_refused_naming_the_key(tmp_path, rows, message):
+    path = _write(tmp_path, f"ROWS:\n{rows}\n")
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        p = Pipeline(load_pipeline_cfg(path))
+        for row in p.rows:
+            if row.pretrained_here:
+                p.pretrain_cfg(row)
+
+
+def test_per_benchmark_trials_must_name_a_benchmark(tmp_path):
+    path = _write(tmp_path, f"_BASE_: {MINI}\nBENCH:\n  TRIALS_PER_BENCHMARK: {{coco_2x_mini: 1}}\n")
+    with pytest.raises(UserError, match="TRIALS_PER_BENCHMARK.coco_2x_mini: not in BENCH.BENCHMARKS"):
+        load_pipeline_cfg(path)
+
+
+def test_pretraining_runs_as_its_own_process_group():
+    assert pretrain_command("c.yaml", 1) == [sys.executable, "-m", "simsiam_transfer.cli", "pretrain",
+                                             "--config", "c.yaml"]
+    cmd = pretrain_command("c.yaml", 8)
+    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "8"]
+    assert cmd[-4:] == ["simsiam_transfer.cli", "pretrain", "--config", "c.yaml"]
+
+
+def test_a_typo_in_a_row_costs_nothing(tmp_path):
+    path = _write(tmp_path, f"_BASE_: {MINI}\nROWS:\n  simsiam:\n    PRETRAIN:\n      CFG:\n"
+                            "        SOLVER: {BASE_LR: .nan}\n")
+    proc = run_cli("pipeline", "--config", path, "OUTPUT_DIR", tmp_path / "out")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: ROWS.simsiam.PRETRAIN.CFG: SOLVER.BASE_LR must be > 0, got nan"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_pipeline_pretrains_under_torchrun_then_resumes(tmp_path):
+    """Two CPU processes pretrain (gloo DDP), then convert, bench and report run once."""
+    path = _write(tmp_path, f"""DATA: {{SYNTHETIC: True}}
+PRETRAIN: {{NPROC_PER_NODE: 2}}
+ROWS:
+  simsiam:
+    NAME: "SimSiam R18 (mini)"
+    PRETRAIN:
+      CONFIG: "pretrain/simsiam_R_18_mini.yaml"
+      CFG:
+        SOLVER: {{EPOCHS: 1, BATCH_SIZE: 32, MAX_ITERS_PER_EPOCH: 2}}
+        DATA: {{IMAGE_SIZE: 32, NUM_WORKERS: 0}}
+  scratch: {{NAME: "scratch", WEIGHTS: "none"}}
+BENCH:
+  NUM_GPUS: 0
+  BENCHMARKS: ["coco_1x_mini"]
+  LRS: [0.02]
+  TRIALS: 2
+  TRIALS_PER_BENCHMARK: {{coco_1x_mini: 1}}
+  CFG:
+    SOLVER: {{MAX_ITER: 4, STEPS: [3], WARMUP_ITERS: 2, CHECKPOINT_PERIOD: 2}}
+    TEST: {{PRECISE_BN: {{NUM_ITER: 2}}}}
+""")
+    out = tmp_path / "out"
+    proc = run_cli("pipeline", "--config", path, "OUTPUT_DIR", out, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads((out / "pipeline.json").read_text())["stages"]
+    assert state["pretrain:simsiam"]["status"] == "done (2 processes)"
+    assert all(s["status"].startswith("done") or s["status"].startswith("skipped") for s in state.values())
+    assert "pretrain:scratch" not in state and "convert:scratch" not in state
+    # Both ranks trained: the checkpoint records the world size through its per-rank RNG states.
+    import torch
+
+    ckpt = torch.load(out / "rows/simsiam/pretrain/checkpoint_last.pth", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 1
+    summary = json.loads((out / "bench/coco_1x_mini/simsiam/summary.json").read_text())
+    assert summary["metrics"]["bbox/AP"]["n"] == 1  # TRIALS_PER_BENCHMARK wins over TRIALS
+    assert json.loads((out / "rows/simsiam/weights.pkl.report.json").read_text())["source"] == "simsiam-transfer"
+    report = (out / "report.md").read_text()
+    assert "SimSiam R18 (mini)" in report and "scratch" in report
+    again = run_cli("pipeline", "--config", path, "OUTPUT_DIR", out, cwd=REPO)
+    assert again.returncode == 0, again.stderr[-3000:]
+    state = json.loads((out / "pipeline.json").read_text())["stages"]
+    assert state["pretrain:simsiam"]["status"] == "done earlier"
+    assert state["convert:simsiam"]["status"] == "done earlier"
+    assert "running (attempt" not in again.stdout
