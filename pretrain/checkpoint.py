@@ -78,7 +78,8 @@ def build_payload(model, optimizer, scaler, targets, epoch: int, config_text: st
                   rng: list) -> dict:
     """The checkpoint dict in the format documented above (model without any DDP wrapper)."""
     return {
-        "format": FORMAT, "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+        # contiguous: the file does not depend on the training memory format (channels_last)
+        "format": FORMAT, "state_dict": {k: v.contiguous() for k, v in model.state_dict().items()}, "optimizer": optimizer.state_dict(),
         "epoch": epoch, "config": config_text, "versions": library_versions(), "history": list(history),
         "rng": rng, "scaler": scaler.state_dict(),
         "targets": targets.state_dict() if targets is not None else None,

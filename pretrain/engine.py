@@ -18,7 +18,7 @@ import sys
 import time
 from itertools import islice
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -160,7 +160,7 @@ class Pretrainer:
             raise UserError(f"DATA.TRAIN_DIR {cfg.DATA.TRAIN_DIR}: {len(self.dataset)} images, fewer than one "
                             f"batch (SOLVER.BATCH_SIZE {cfg.SOLVER.BATCH_SIZE}); lower the batch size")
         self.knn_sets = knn_folders(cfg)
-        self.sampler = DistributedSampler(self.dataset, num_replicas=self.dist.world_size,
+        self.sampler: DistributedSampler = DistributedSampler(self.dataset, num_replicas=self.dist.world_size,
                                           rank=self.dist.rank, shuffle=True, seed=cfg.SEED, drop_last=True)
         self.steps_per_epoch = len(self.sampler) // self.per_process_batch
         if cfg.SOLVER.MAX_ITERS_PER_EPOCH > 0:
@@ -180,12 +180,13 @@ class Pretrainer:
                                                 cfg.MODEL.TARGET_MOMENTUM, self.device)
         self.loss_kwargs = dict(stop_gradient=cfg.MODEL.STOP_GRADIENT, similarity=cfg.MODEL.SIMILARITY,
                                 symmetric=cfg.MODEL.SYMMETRIC)
-        self.start_epoch, self.history = 0, []
+        self.start_epoch, self.history = 0, []  # type: int, list
         self._resume()
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
                                             else None) if self.dist.distributed else self.model)
-        self.epoch, self.record, self.step_outputs, self.running_loss = self.start_epoch, {}, None, None
-        self.hooks = []
+        self.epoch, self.step_outputs, self.running_loss = self.start_epoch, None, None
+        self.record: dict = {}
+        self.hooks: List[HookBase] = []
         self.register_hooks(default_hooks(self) if hooks is None else hooks)
 
     def register_hooks(self, hooks: Sequence[HookBase]) -> None:
@@ -268,7 +269,7 @@ class Pretrainer:
         state = checkpoint.rng_state()
         if not self.dist.distributed:
             return [state]
-        states = [None] * self.dist.world_size
+        states: list = [None] * self.dist.world_size
         torch.distributed.all_gather_object(states, state)
         return states
 

@@ -9,7 +9,7 @@ to ``trainer.history`` and the writers publish it.
 import json
 import sys
 from pathlib import Path
-from typing import List
+from typing import Any, List
 
 import torch
 from torch.utils.data import DistributedSampler
@@ -27,7 +27,7 @@ from simsiam_transfer.errors import TrainingDiverged
 class HookBase:
     """Override the events a concern needs; ``self.trainer`` is set when the hook is registered."""
 
-    trainer = None
+    trainer: Any = None
 
     def before_train(self) -> None:
         pass
@@ -53,8 +53,9 @@ def write_metrics_file(out_dir, history) -> None:
 def init_batches(num_images: int, batch: int, dist_info) -> List[List[int]]:
     """This rank's batches covering every image: the same count on every rank (SyncBN forwards must
     match; DistributedSampler pads) and none of size 1 (train-mode BN needs two samples)."""
-    indices = list(DistributedSampler(range(num_images), num_replicas=dist_info.world_size, rank=dist_info.rank,
-                                      shuffle=False))
+    images: Any = range(num_images)  # the sampler only needs len()
+    indices: List[int] = list(DistributedSampler(images, num_replicas=dist_info.world_size,
+                                                 rank=dist_info.rank, shuffle=False))
     batches = [indices[i:i + batch] for i in range(0, len(indices), batch)]
     if len(batches) > 1 and len(batches[-1]) == 1:
         batches[-1] = batches[-2][-1:] + batches[-1]

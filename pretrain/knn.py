@@ -18,14 +18,16 @@ def extract_features(feature_fn: Callable, dataset: Dataset, device: torch.devic
                      dist_info: Optional[DistInfo] = None, batch_size: int = 256,
                      num_workers: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """l2-normalised features and labels of the whole ``dataset`` on ``device``, each rank doing its shard."""
-    shard = Subset(dataset, shard_indices(len(dataset), dist_info))
-    feats, labels = [], []
+    shard = Subset(dataset, shard_indices(len(dataset), dist_info))  # type: ignore[arg-type]
+    feat_parts, label_parts = [], []
     for images, targets in DataLoader(shard, batch_size=batch_size, num_workers=num_workers):
-        feats.append(F.normalize(feature_fn(images.to(device, non_blocking=True)).float(), dim=1))
-        labels.append(torch.as_tensor(targets).to(device))
-    dim = feats[0].shape[1] if feats else F.normalize(feature_fn(dataset[0][0][None].to(device)), dim=1).shape[1]
-    feats = torch.cat(feats) if feats else torch.zeros(0, dim, device=device)
-    labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
+        feat_parts.append(F.normalize(feature_fn(images.to(device, non_blocking=True)).float(), dim=1))
+        label_parts.append(torch.as_tensor(targets).to(device))
+    if feat_parts:
+        feats, labels = torch.cat(feat_parts), torch.cat(label_parts)
+    else:  # a rank with no image still joins the gather with an empty (0, dim) shard
+        dim = feature_fn(dataset[0][0][None].to(device)).shape[1]
+        feats, labels = torch.zeros(0, dim, device=device), torch.zeros(0, dtype=torch.long, device=device)
     if dist_info is not None:
         feats, labels = all_gather_varlen(feats, dist_info), all_gather_varlen(labels, dist_info)
     return feats, labels
