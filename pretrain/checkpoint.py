@@ -11,8 +11,10 @@ epochs and the last; NNNN = epochs completed) hold a dict:
     config       the full resolved config (YAML text)
     versions     torch / torchvision / ... versions
     history      the per-epoch metrics records (metrics.jsonl is rewritten from it on resume)
-    rng          torch / CUDA / numpy / python RNG states, so a resumed run continues the stream
-    scaler, targets   AMP scaler state; the Sec. 5.2 moving-average memory (or None)
+    rng          per rank: torch / CUDA (the rank's own device only) / numpy / python RNG states,
+                 so a resumed run continues the stream
+    scaler       GradScaler state ({} when fp16 AMP was off: skipped on load)
+    targets      the Sec. 5.2 moving-average memory {"memory": images x d} (or None)
 
 All of it loads with ``torch.load(..., weights_only=True)``.
 """
@@ -26,6 +28,7 @@ import torch
 
 from simsiam_transfer import atomic
 from simsiam_transfer.errors import UserError
+from simsiam_transfer.versions import library_versions
 
 FORMAT = "simsiam-transfer/pretrain-v1"
 LAST = "checkpoint_last.pth"
@@ -35,24 +38,64 @@ def numbered_name(epochs_done):
     return f"checkpoint_{epochs_done:04d}.pth"
 
 
-def rng_state():
+def rng_state() -> dict:
+    """This process's RNG streams; CUDA only for the current device, so a resume on a node with
+    fewer visible GPUs still fits."""
     np_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
                   int(np_state[3]), float(np_state[4])],
         "python": random.getstate(),
     }
 
 
-def set_rng_state(state):
+def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = cuda_state_for_device(state["cuda"], torch.cuda.current_device() if torch.cuda.is_available() else None)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
+
+
+def cuda_state_for_device(saved: list, device_index):
+    """The saved CUDA state to restore, or None (no GPU now, or none saved).
+
+    One entry: this format's own device state. Several (older checkpoints stored every visible
+    GPU): the current device's entry if it exists, else none, never an IndexError.
+    """
+    if device_index is None or not saved:
+        return None
+    if len(saved) == 1:
+        return saved[0]
+    return saved[device_index] if device_index < len(saved) else None
+
+
+def build_payload(model, optimizer, scaler, targets, epoch: int, config_text: str, history: list,
+                  rng: list) -> dict:
+    """The checkpoint dict in the format documented above (model without any DDP wrapper)."""
+    return {
+        # contiguous: the file does not depend on the training memory format (channels_last)
+        "format": FORMAT, "state_dict": {k: v.contiguous() for k, v in model.state_dict().items()}, "optimizer": optimizer.state_dict(),
+        "epoch": epoch, "config": config_text, "versions": library_versions(), "history": list(history),
+        "rng": rng, "scaler": scaler.state_dict(),
+        "targets": targets.state_dict() if targets is not None else None,
+    }
+
+
+def restore(ckpt: dict, model, optimizer, scaler, targets, rank: int) -> None:
+    """Load a checkpoint's training state into live objects (resume)."""
+    model.load_state_dict(ckpt["state_dict"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler") and scaler.is_enabled():  # empty when written with fp16 AMP off
+        scaler.load_state_dict(ckpt["scaler"])
+    if targets is not None and ckpt.get("targets"):
+        targets.load_state_dict(ckpt["targets"])
+    if rank < len(ckpt["rng"]):
+        set_rng_state(ckpt["rng"][rank])
 
 
 def save(out_dir, payload, numbered):

@@ -46,7 +46,9 @@ _C.SOLVER.MOMENTUM = 0.9
 _C.SOLVER.FIX_PRED_LR = False         # predictor lr constant (Table 1c)
 _C.SOLVER.WARMUP_EPOCHS = 0           # linear warmup (paper: 10 for batch >= 1024)
 _C.SOLVER.CHECKPOINT_PERIOD = 10      # numbered checkpoints; checkpoint_last.pth every epoch
-_C.SOLVER.AMP = True                  # GPU only
+_C.SOLVER.AMP = False                 # mixed precision: fp16 + GradScaler on CUDA, bf16 on CPUs with
+                                      # native bf16; off = fp32 as the official code and the paper
+_C.SOLVER.LOG_PERIOD = 20             # steps between host reads of loss/z_std (and the finite check)
 _C.SOLVER.MAX_ITERS_PER_EPOCH = 0     # 0 = full epoch; >0 caps iterations (smoke runs)
 
 _C.MONITOR = CN()
@@ -85,7 +87,8 @@ def validate(cfg, source="config"):
         if value not in allowed:
             raise UserError(f"{source}: {key} {value!r} is not one of {list(allowed)}")
     positive = ("SOLVER.EPOCHS", "SOLVER.BATCH_SIZE", "SOLVER.BASE_LR", "DATA.IMAGE_SIZE",
-                "MODEL.DIM", "MODEL.PRED_DIM", "MODEL.ALTERNATION_STEPS", "SOLVER.CHECKPOINT_PERIOD")
+                "MODEL.DIM", "MODEL.PRED_DIM", "MODEL.ALTERNATION_STEPS", "SOLVER.CHECKPOINT_PERIOD",
+                "SOLVER.LOG_PERIOD")
     for key in positive:
         section, name = key.split(".")
         if not cfg[section][name] > 0:

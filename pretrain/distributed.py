@@ -1,10 +1,24 @@
-"""Process-group set-up from the launcher's environment (torchrun, or Slurm's srun)."""
+"""Process-group set-up from the launcher's environment (torchrun, or Slurm's srun), and collectives.
+
+``launch_env(environ)`` is a pure function of the environment: torchrun's ``RANK``/``WORLD_SIZE``
+win; under ``srun`` with several tasks the ranks come from ``SLURM_PROCID``/``SLURM_NTASKS``/
+``SLURM_LOCALID`` and, without ``MASTER_ADDR``, the rendezvous is the first host of
+``SLURM_NODELIST`` on a port derived from ``SLURM_JOB_ID``.
+"""
 
 import dataclasses
 import os
+import re
+import shutil
+import subprocess
+from typing import Mapping, Optional
 
 import torch
 import torch.distributed as dist
+
+from simsiam_transfer.errors import UserError
+
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 15000, 20000
 
 
 @dataclasses.dataclass
@@ -15,40 +29,96 @@ class DistInfo:
     device: torch.device = torch.device("cpu")
 
     @property
-    def is_main(self):
+    def is_main(self) -> bool:
         return self.rank == 0
 
     @property
-    def distributed(self):
+    def distributed(self) -> bool:
         return self.world_size > 1
 
 
-def _env_ranks():
-    env = os.environ
+@dataclasses.dataclass
+class LaunchEnv:
+    """Ranks and the rendezvous variables to set (empty when the launcher already set them)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    rendezvous: dict = dataclasses.field(default_factory=dict)
+
+
+def expand_nodelist(nodelist: str) -> list:
+    """Slurm's compact host list, e.g. ``node[01-03,7],gpu7`` -> node01 node02 node03 node7 gpu7."""
+    hosts = []
+    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
+        if plain:
+            hosts.append(plain)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            if not lo.isdigit() or (hi and not hi.isdigit()):
+                raise UserError(f"SLURM_NODELIST {nodelist!r}: cannot read the range {part!r}; "
+                                "set MASTER_ADDR and MASTER_PORT")
+            hosts += [f"{prefix}{i:0{len(lo)}d}" for i in range(int(lo), int(hi or lo) + 1)]
+    return hosts
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """``scontrol show hostnames`` where Slurm's tools are installed, else our own parser."""
+    if shutil.which("scontrol"):
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.split():
+            return out.stdout.split()[0]
+    hosts = expand_nodelist(nodelist)
+    if not hosts:
+        raise UserError(f"SLURM_NODELIST {nodelist!r}: no host; set MASTER_ADDR and MASTER_PORT")
+    return hosts[0]
+
+
+def slurm_port(job_id: str) -> int:
+    """Same on every task of a job, different for concurrent jobs on one node."""
+    return SLURM_PORT_BASE + int(job_id) % SLURM_PORT_SPAN if job_id.isdigit() else SLURM_PORT_BASE
+
+
+def launch_env(env: Mapping[str, str], first_host=first_slurm_host) -> LaunchEnv:
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun / torch.distributed.launch
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1 and "MASTER_ADDR" in env:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-    return 0, 1, 0
+        return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    ntasks = int(env.get("SLURM_NTASKS", "1") or 1)
+    if "SLURM_PROCID" not in env or ntasks <= 1:
+        return LaunchEnv()
+    launch = LaunchEnv(int(env["SLURM_PROCID"]), ntasks, int(env.get("SLURM_LOCALID", 0)))
+    if "MASTER_ADDR" not in env:
+        nodelist = env.get("SLURM_NODELIST") or env.get("SLURM_JOB_NODELIST")
+        if not nodelist:
+            raise UserError(f"srun started {ntasks} tasks but neither MASTER_ADDR nor SLURM_NODELIST is set; "
+                            "export MASTER_ADDR and MASTER_PORT, or launch with torchrun")
+        launch.rendezvous["MASTER_ADDR"] = first_host(nodelist)
+    if "MASTER_PORT" not in env:
+        launch.rendezvous["MASTER_PORT"] = str(slurm_port(env.get("SLURM_JOB_ID", "")))
+    return launch
 
 
-def init_distributed():
+def device_for(local_rank: int, device_count: int) -> torch.device:
+    """With ``--gpus-per-task 1`` each task sees one GPU whatever its local id, hence the modulo."""
+    return torch.device("cuda", local_rank % device_count) if device_count else torch.device("cpu")
+
+
+def init_distributed() -> DistInfo:
     """Join the process group if launched with several processes; one GPU per process, else CPU."""
-    rank, world_size, local_rank = _env_ranks()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        os.environ.setdefault("RANK", str(rank))
-        os.environ.setdefault("WORLD_SIZE", str(world_size))
+    launch = launch_env(os.environ)
+    device = device_for(launch.local_rank, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if launch.world_size > 1 and not dist.is_initialized():
+        os.environ.update(launch.rendezvous)
+        os.environ.setdefault("RANK", str(launch.rank))
+        os.environ.setdefault("WORLD_SIZE", str(launch.world_size))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
-                                rank=rank, world_size=world_size)
-    return DistInfo(rank, world_size, local_rank, device)
+                                rank=launch.rank, world_size=launch.world_size)
+    return DistInfo(launch.rank, launch.world_size, launch.local_rank, device)
 
 
-def all_gather_cat(tensor, info):
+def all_gather_cat(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Concatenate ``tensor`` from every rank along dim 0 (identity on one process)."""
     if not info.distributed:
         return tensor
@@ -57,11 +127,33 @@ def all_gather_cat(tensor, info):
     return torch.cat(parts)
 
 
-def barrier(info):
+def all_gather_varlen(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Like ``all_gather_cat`` for shards whose first dimension differs between ranks."""
+    if not info.distributed:
+        return tensor
+    sizes = all_gather_cat(torch.tensor([tensor.shape[0]], device=tensor.device), info).tolist()
+    padded = tensor.new_zeros((max(sizes),) + tuple(tensor.shape[1:]))
+    padded[:tensor.shape[0]] = tensor
+    parts = all_gather_cat(padded.unsqueeze(0), info)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
+def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.distributed:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def barrier(info: DistInfo) -> None:
     if info.distributed:
         dist.barrier()
 
 
-def cleanup(info):
+def cleanup(info: DistInfo) -> None:
     if info.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def shard_indices(n: int, info: Optional[DistInfo]) -> range:
+    """This rank's share of ``range(n)``, every index on exactly one rank (no padding)."""
+    return range(n) if info is None or not info.distributed else range(info.rank, n, info.world_size)

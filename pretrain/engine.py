@@ -1,55 +1,153 @@
-"""SimSiam training loop: one process or torchrun/DDP, AMP on GPU, resume, monitors, checkpoints.
+"""SimSiam training loop: one process or torchrun/DDP, optional mixed precision, resume, hooks.
 
-Per epoch it records ``{"epoch", "loss", "z_std", "lr", "steps", "time_s", "knn_top1"?}``
-(``epoch`` is 1-based: the number of epochs completed; ``time_s`` the epoch's training time) to ``OUTPUT_DIR/metrics.jsonl`` and TensorBoard, then writes
-checkpoints atomically. A killed run started again with the same OUTPUT_DIR resumes from
+``Pretrainer.run()`` is a short loop over epochs and steps; each concern (LR schedule, metrics,
+kNN and BN monitors, checkpoints, writers) is a hook in ``pretrain/hooks.py``.
+Per epoch it records ``{"epoch", "loss", "z_std", "lr", "steps", "time_s", "residual_bn_scale",
+"knn_top1"?, "amp_skipped_steps"?}`` (``epoch`` is 1-based: the number of epochs completed;
+``time_s`` the epoch's training time) to ``OUTPUT_DIR/metrics.jsonl`` and TensorBoard, then
+writes checkpoints atomically. A killed run started again with the same OUTPUT_DIR resumes from
 ``checkpoint_last.pth``: at most the epoch in flight is lost.
+
+``train_step`` is the single SGD step, callable on its own (``benchmarks/pretrain_step.py``).
 """
 
-import json
+import dataclasses
+import functools
 import random
+import sys
 import time
+from itertools import islice
 from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
 
 from pretrain import checkpoint
 from pretrain.data import LabeledFolder, TwoViewDataset, eval_transform, simsiam_augmentation
-from pretrain.distributed import barrier, cleanup, init_distributed
-from pretrain.knn import extract_features, weighted_knn_top1
-from pretrain.loss import normalized_std, simsiam_loss
+from pretrain.distributed import cleanup, init_distributed
+from pretrain.hooks import HookBase, default_hooks, write_metrics_file  # noqa: F401 (linear.py reuses it)
+from pretrain.loss import simsiam_loss
 from pretrain.model import build_model
-from pretrain.schedule import apply_lr, initial_lr, lr_at_epoch
-from pretrain.targets import MovingAverageTargets, cached_targets
-from simsiam_transfer import atomic
-from simsiam_transfer.errors import TrainingDiverged, UserError
-from simsiam_transfer.versions import library_versions
+from pretrain.schedule import initial_lr
+from pretrain.targets import MovingAverageTargets, alternation
+from simsiam_transfer.errors import UserError
 
 
-def seed_everything(seed):
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def write_metrics_file(out_dir, history):
-    text = "".join(json.dumps(record, sort_keys=True) + "\n" for record in history)
-    atomic.write_text(Path(out_dir) / "metrics.jsonl", text)
+def derived_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from (seed, epoch, rank, worker): no two streams share a seed."""
+    return int(np.random.SeedSequence([p % 2**32 for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def seed_worker(worker_id: int, base: Tuple[int, ...]) -> None:
+    """DataLoader ``worker_init_fn``: the worker's augmentation streams depend only on
+    (seed, epoch, rank, worker id), so a resumed epoch draws the same crops as the first run."""
+    seed_everything(derived_seed(*base, worker_id))
+
+
+# -- precision and memory format -------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    device_type: str = "cpu"
+    dtype: Optional[torch.dtype] = None   # None = fp32
+
+    @property
+    def name(self) -> str:
+        return {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
+
+    @property
+    def grad_scaler(self) -> bool:
+        """Only fp16 needs loss scaling; bf16 has fp32's exponent range."""
+        return self.dtype == torch.float16
+
+
+def cpu_supports_bf16() -> bool:
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None) or getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(check and check())
+
+
+def choose_precision(amp: bool, device: torch.device) -> Precision:
+    """``SOLVER.AMP``: fp16 autocast + GradScaler on CUDA, bf16 autocast on CPUs with native bf16, else fp32."""
+    if not amp:
+        return Precision(device.type)
+    if device.type == "cuda":
+        return Precision("cuda", torch.float16)
+    if device.type == "cpu" and cpu_supports_bf16():
+        return Precision("cpu", torch.bfloat16)
+    print("warning: SOLVER.AMP is on but this CPU has no native bf16; training in fp32", file=sys.stderr)
+    return Precision(device.type)
+
+
+def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """channels_last on CPU and GPU: NHWC convolutions are faster on both (same math)."""
+    return model.to(device).to(memory_format=torch.channels_last)
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+
+
+Targets = Union[None, Tuple[torch.Tensor, torch.Tensor], Callable]
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x1: torch.Tensor, x2: torch.Tensor, *,
+               precision: Precision = Precision(), scaler: Optional[torch.amp.GradScaler] = None,
+               targets: Targets = None, loss_kwargs: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One SimSiam SGD step; returns (loss, z1), both detached and still on the device (no host sync).
+
+    ``targets``: None (siamese: the other view's z), a cached (t1, t2) pair (k-step alternation) or
+    ``fn(z1, z2) -> (t1, t2)`` (moving-average memory).
+    """
+    with torch.autocast(precision.device_type, dtype=precision.dtype, enabled=precision.dtype is not None):
+        p1, p2, z1, z2 = model(x1, x2)
+    p1, p2, z1, z2 = p1.float(), p2.float(), z1.float(), z2.float()
+    if callable(targets):
+        t1, t2 = targets(z1, z2)
+    else:
+        t1, t2 = targets if targets is not None else (z1, z2)
+    loss = simsiam_loss(p1, p2, t1, t2, **(loss_kwargs or {}))
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None and scaler.is_enabled():
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss.detach(), z1.detach()
+
+
+# -- the trainer -------------------------------------------------------------------------------------
+def knn_folders(cfg) -> Optional[Tuple[LabeledFolder, LabeledFolder]]:
+    """Both kNN folders, checked at start-up (a typo must not cost an epoch), or None when unset."""
+    train_dir, val_dir = cfg.DATA.KNN_TRAIN_DIR, cfg.DATA.KNN_VAL_DIR
+    if not train_dir and not val_dir:
+        return None
+    if not (train_dir and val_dir):
+        missing = "DATA.KNN_VAL_DIR" if train_dir else "DATA.KNN_TRAIN_DIR"
+        raise UserError(f"{missing} is empty while the other kNN folder is set; set both or neither")
+    transform = eval_transform(cfg.DATA.IMAGE_SIZE)
+    train = LabeledFolder(train_dir, transform, "DATA.KNN_TRAIN_DIR")
+    return train, LabeledFolder(val_dir, transform, "DATA.KNN_VAL_DIR", classes=train.classes)
 
 
 class Pretrainer:
     """Holds the run's state; ``run()`` trains from the first unfinished epoch to SOLVER.EPOCHS."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, hooks: Optional[Sequence[HookBase]] = None):
         self.cfg = cfg
         self.dist = init_distributed()
         self.out = Path(cfg.OUTPUT_DIR)
         self.device = self.dist.device
-        self.amp = bool(cfg.SOLVER.AMP) and self.device.type == "cuda"
+        self.precision = choose_precision(bool(cfg.SOLVER.AMP), self.device)
         self.per_process_batch = cfg.SOLVER.BATCH_SIZE // self.dist.world_size
         if self.per_process_batch < 1 or cfg.SOLVER.BATCH_SIZE % self.dist.world_size:
             raise UserError(f"SOLVER.BATCH_SIZE {cfg.SOLVER.BATCH_SIZE} must be a positive multiple of the "
@@ -61,32 +159,46 @@ class Pretrainer:
         if len(self.dataset) < cfg.SOLVER.BATCH_SIZE:
             raise UserError(f"DATA.TRAIN_DIR {cfg.DATA.TRAIN_DIR}: {len(self.dataset)} images, fewer than one "
                             f"batch (SOLVER.BATCH_SIZE {cfg.SOLVER.BATCH_SIZE}); lower the batch size")
-        self.sampler = DistributedSampler(self.dataset, num_replicas=self.dist.world_size,
+        self.knn_sets = knn_folders(cfg)
+        self.sampler: DistributedSampler = DistributedSampler(self.dataset, num_replicas=self.dist.world_size,
                                           rank=self.dist.rank, shuffle=True, seed=cfg.SEED, drop_last=True)
-        self.loader = DataLoader(self.dataset, batch_size=self.per_process_batch, sampler=self.sampler,
-                                 num_workers=cfg.DATA.NUM_WORKERS, pin_memory=self.device.type == "cuda",
-                                 drop_last=True, persistent_workers=cfg.DATA.NUM_WORKERS > 0)
+        self.steps_per_epoch = len(self.sampler) // self.per_process_batch
+        if cfg.SOLVER.MAX_ITERS_PER_EPOCH > 0:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.SOLVER.MAX_ITERS_PER_EPOCH)
 
-        self.model = build_model(cfg).to(self.device)
+        self.model = build_model(cfg)
         if self.dist.distributed and self.device.type == "cuda":
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = prepare_model(self.model, self.device)
         self.init_lr = initial_lr(cfg.SOLVER.BASE_LR, cfg.SOLVER.BATCH_SIZE)
         self.optimizer = torch.optim.SGD(self.model.parameter_groups(cfg.SOLVER.FIX_PRED_LR), lr=self.init_lr,
                                          momentum=cfg.SOLVER.MOMENTUM, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision.grad_scaler)
         self.targets = None
         if cfg.MODEL.TARGET == "moving_average":
             self.targets = MovingAverageTargets(len(self.dataset), cfg.MODEL.DIM,
                                                 cfg.MODEL.TARGET_MOMENTUM, self.device)
-        self.start_epoch, self.history = 0, []
+        self.loss_kwargs = dict(stop_gradient=cfg.MODEL.STOP_GRADIENT, similarity=cfg.MODEL.SIMILARITY,
+                                symmetric=cfg.MODEL.SYMMETRIC)
+        self.start_epoch, self.history = 0, []  # type: int, list
         self._resume()
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
                                             else None) if self.dist.distributed else self.model)
+        self.epoch, self.step_outputs, self.running_loss = self.start_epoch, None, None
+        self.record: dict = {}
+        self.hooks: List[HookBase] = []
+        self.register_hooks(default_hooks(self) if hooks is None else hooks)
 
-    # -- resume -------------------------------------------------------------------------------
-    def _resume(self):
+    def register_hooks(self, hooks: Sequence[HookBase]) -> None:
+        for hook in hooks:
+            hook.trainer = self
+        self.hooks.extend(hooks)
+
+    def _call(self, event: str) -> None:
+        for hook in self.hooks:
+            getattr(hook, event)()
+
+    def _resume(self) -> None:
         path = self.out / checkpoint.LAST
         if not path.is_file():
             return
@@ -95,163 +207,87 @@ class Pretrainer:
         if changed:
             raise UserError(f"{path} was trained with other model settings ({'; '.join(changed)}); "
                             "use a new OUTPUT_DIR or the original settings")
-        self.model.load_state_dict(ckpt["state_dict"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        if self.targets is not None and ckpt.get("targets"):
-            self.targets.load_state_dict(ckpt["targets"])
+        checkpoint.restore(ckpt, self.model, self.optimizer, self.scaler, self.targets, self.dist.rank)
         self.start_epoch, self.history = int(ckpt["epoch"]), list(ckpt["history"])
-        if self.dist.rank < len(ckpt["rng"]):
-            checkpoint.set_rng_state(ckpt["rng"][self.dist.rank])
         if self.dist.is_main:
-            write_metrics_file(self.out, self.history)
             print(f"resuming from {path}: {self.start_epoch} epoch(s) done", flush=True)
 
-    # -- one step -----------------------------------------------------------------------------
-    def _loss(self, x1, x2, index, cached=None):
-        cfg = self.cfg
-        with torch.autocast("cuda", enabled=self.amp):
-            p1, p2, z1, z2 = self.ddp(x1, x2)
-        p1, p2, z1, z2 = p1.float(), p2.float(), z1.float(), z2.float()
-        if cached is not None:
-            t1, t2 = cached
-        elif self.targets is not None:
-            t1, t2 = self.targets.targets(index.to(self.device), z1, z2, self.dist)
-        else:
-            t1, t2 = z1, z2
-        loss = simsiam_loss(p1, p2, t1, t2, stop_gradient=cfg.MODEL.STOP_GRADIENT,
-                            similarity=cfg.MODEL.SIMILARITY, symmetric=cfg.MODEL.SYMMETRIC)
-        return loss, z1
+    # -- data ---------------------------------------------------------------------------------------
+    def make_loader(self, dataset, epoch: int, batch_sampler=None) -> DataLoader:
+        """A loader whose worker RNG streams depend only on (SEED, epoch, rank): exact resume with workers.
 
-    def _step(self, loss):
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        Without ``batch_sampler`` it is the training loader (the shared DistributedSampler, full batches).
+        """
+        base = (self.cfg.SEED, epoch + 1, self.dist.rank)  # epoch -1: the moving-average initial pass
+        workers = self.cfg.DATA.NUM_WORKERS
+        batching = (dict(batch_sampler=batch_sampler) if batch_sampler is not None else
+                    dict(batch_size=self.per_process_batch, sampler=self.sampler, drop_last=True))
+        return DataLoader(dataset, num_workers=workers, pin_memory=self.device.type == "cuda",
+                          worker_init_fn=functools.partial(seed_worker, base=base) if workers else None,
+                          generator=torch.Generator().manual_seed(derived_seed(*base)), **batching)
 
-    def _finite_everywhere(self, loss):
-        """Every rank must stop together, or the others would wait in the next all-reduce."""
-        finite = torch.isfinite(loss.detach()).float().reshape(1)
-        if self.dist.distributed:
-            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-        return bool(finite.item())
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        return to_device(x, self.device)
 
-    def _to_device(self, x):
-        x = x.to(self.device, non_blocking=True)
-        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+    def forward_encoder(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.precision
+        with torch.autocast(p.device_type, dtype=p.dtype, enabled=p.dtype is not None):
+            return self.model.encoder(x).float()
 
-    def train_one_epoch(self, epoch):
-        cfg = self.cfg
-        self.ddp.train()
+    @torch.no_grad()
+    def _alternation_target(self, batch):
+        """Eq. (10) for one batch with the chunk's starting weights: only the two d-dim targets are kept."""
+        x1, x2, _ = batch
+        return self.forward_encoder(self.to_device(x1)), self.forward_encoder(self.to_device(x2))
+
+    def epoch_batches(self, epoch: int):
+        """(batch, cached targets or None) for each step of the epoch."""
         self.sampler.set_epoch(epoch)
-        steps = len(self.loader)
-        if cfg.SOLVER.MAX_ITERS_PER_EPOCH > 0:
-            steps = min(steps, cfg.SOLVER.MAX_ITERS_PER_EPOCH)
-        k = cfg.MODEL.ALTERNATION_STEPS
-        losses, stds, buffer = [], [], []
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.SOLVER.EPOCHS}", disable=not self.dist.is_main,
-                   dynamic_ncols=True, leave=False)
-        for it, batch in enumerate(self.loader):
-            if it >= steps:
-                break
-            buffer.append(batch)
-            if len(buffer) < k and it < steps - 1:
-                continue
-            cached = cached_targets(self.model.encoder, [(self._to_device(a), self._to_device(b), i)
-                                                         for a, b, i in buffer], self.device) if k > 1 else None
-            for j, (x1, x2, index) in enumerate(buffer):
-                loss, z1 = self._loss(self._to_device(x1), self._to_device(x2), index,
-                                      cached[j] if cached else None)
-                if not self._finite_everywhere(loss):
-                    bar.close()
-                    kept = (f"the last good checkpoint ({self.out / checkpoint.LAST}, {epoch} epochs) is kept"
-                            if epoch else "no checkpoint had been written yet")
-                    raise TrainingDiverged(f"loss became {loss.item()} at epoch {epoch + 1}, iteration {it + 1}; "
-                                           f"{kept}. Lower SOLVER.BASE_LR or check the ablation settings")
-                self._step(loss)
-                losses.append(loss.item())
-                stds.append(normalized_std(z1).item())
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            buffer = []
-        bar.close()
-        return float(np.mean(losses)), float(np.mean(stds)), len(losses)
+        steps, k = self.steps_per_epoch, self.cfg.MODEL.ALTERNATION_STEPS
+        if k == 1:
+            return ((batch, None) for batch in islice(self.make_loader(self.dataset, epoch), steps))
+        return alternation(iter(self.make_loader(self.dataset, epoch)), iter(self.make_loader(self.dataset, epoch)),
+                           k, steps, self._alternation_target, (checkpoint.rng_state, checkpoint.set_rng_state))
 
-    # -- monitors -----------------------------------------------------------------------------
-    def knn_top1(self):
-        cfg = self.cfg
-        if not (cfg.DATA.KNN_TRAIN_DIR and cfg.DATA.KNN_VAL_DIR):
-            return None
-        transform = eval_transform(cfg.DATA.IMAGE_SIZE)
-        train = LabeledFolder(cfg.DATA.KNN_TRAIN_DIR, transform, "DATA.KNN_TRAIN_DIR")
-        val = LabeledFolder(cfg.DATA.KNN_VAL_DIR, transform, "DATA.KNN_VAL_DIR", classes=train.classes)
-        loader_args = dict(batch_size=256, num_workers=cfg.DATA.NUM_WORKERS)
-        self.model.eval()
-        feature_fn = self.model.backbone_features
-        train_f, train_y = extract_features(feature_fn, DataLoader(train, **loader_args), self.device)
-        val_f, val_y = extract_features(feature_fn, DataLoader(val, **loader_args), self.device)
-        self.model.train()
-        return weighted_knn_top1(train_f, train_y, val_f, val_y, len(train.classes),
-                                 cfg.MONITOR.KNN_K, cfg.MONITOR.KNN_T)
+    # -- the loop -------------------------------------------------------------------------------------
+    def run_step(self, x1, x2, index, cached=None):
+        targets = cached
+        if self.targets is not None:
+            index = index.to(self.device, non_blocking=True)
+            targets = functools.partial(self.targets.targets, index, dist_info=self.dist)
+        return train_step(self.ddp, self.optimizer, self.to_device(x1), self.to_device(x2),
+                          precision=self.precision, scaler=self.scaler, targets=targets,
+                          loss_kwargs=self.loss_kwargs)
 
-    # -- run ------------------------------------------------------------------------------------
-    def _gather_rng(self):
+    def train_one_epoch(self) -> None:
+        self.ddp.train()
+        for self.iter, ((x1, x2, index), cached) in enumerate(self.epoch_batches(self.epoch)):
+            self.step_outputs = self.run_step(x1, x2, index, cached)
+            self._call("after_step")
+
+    def gather_rng(self) -> list:
         state = checkpoint.rng_state()
         if not self.dist.distributed:
             return [state]
-        states = [None] * self.dist.world_size
+        states: list = [None] * self.dist.world_size
         torch.distributed.all_gather_object(states, state)
         return states
 
-    def run(self):
-        cfg = self.cfg
-        if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            atomic.write_text(self.out / "config.yaml", cfg.dump())
-        writer = None
-        if self.dist.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(str(self.out / "tb"), purge_step=self.start_epoch + 1)
+    def run(self) -> list:
         try:
-            for epoch in range(self.start_epoch, cfg.SOLVER.EPOCHS):
-                lr = lr_at_epoch(self.init_lr, epoch, cfg.SOLVER.EPOCHS, cfg.SOLVER.WARMUP_EPOCHS)
-                apply_lr(self.optimizer, lr, self.init_lr)
+            self._call("before_train")
+            for self.epoch in range(self.start_epoch, self.cfg.SOLVER.EPOCHS):
+                self.record = {"epoch": self.epoch + 1}
+                self._call("before_epoch")
                 start = time.perf_counter()
-                loss, z_std, steps = self.train_one_epoch(epoch)
-                record = {"epoch": epoch + 1, "loss": loss, "z_std": z_std, "lr": lr, "steps": steps,
-                          "time_s": round(time.perf_counter() - start, 3)}
-                last = epoch + 1 == cfg.SOLVER.EPOCHS
-                if (epoch + 1) % cfg.MONITOR.KNN_PERIOD == 0 or last:
-                    if self.dist.is_main:
-                        knn = self.knn_top1()
-                        if knn is not None:
-                            record["knn_top1"] = knn
-                    barrier(self.dist)
-                rng = self._gather_rng()
-                if self.dist.is_main:
-                    self.history.append(record)
-                    payload = {
-                        "format": checkpoint.FORMAT, "state_dict": self.model.state_dict(),
-                        "optimizer": self.optimizer.state_dict(), "epoch": epoch + 1, "config": cfg.dump(),
-                        "versions": library_versions(), "history": self.history, "rng": rng,
-                        "scaler": self.scaler.state_dict(),
-                        "targets": self.targets.state_dict() if self.targets is not None else None,
-                    }
-                    checkpoint.save(self.out, payload, numbered=(epoch + 1) % cfg.SOLVER.CHECKPOINT_PERIOD == 0 or last)
-                    write_metrics_file(self.out, self.history)
-                    for key, value in record.items():
-                        if key != "epoch":
-                            writer.add_scalar(f"pretrain/{key}", value, epoch + 1)
-                    writer.flush()
-                    print(json.dumps(record), flush=True)
-                barrier(self.dist)
+                self.train_one_epoch()
+                self.record["time_s"] = round(time.perf_counter() - start, 3)
+                self._call("after_epoch")
         finally:
-            if writer is not None:
-                writer.close()
+            self._call("after_train")
             cleanup(self.dist)
         return self.history
 
 
-def run_pretrain(cfg):
+def run_pretrain(cfg) -> list:
     return Pretrainer(cfg).run()

@@ -129,13 +129,16 @@ def test_lr_schedule_scaling_cosine_warmup_and_fixed_predictor():
 
 def test_moving_average_targets():
     bank = MovingAverageTargets(4, 2, 0.8, torch.device("cpu"))
-    idx = torch.tensor([1])
     z1, z2 = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]])
-    t1, t2 = bank.targets(idx, z1, z2, DistInfo())
-    assert torch.allclose(t1, torch.tensor([[0.0, 1.0]])) and torch.allclose(t2, torch.tensor([[1.0, 0.0]]))
+    bank.initialize([(torch.eye(2)[[0, 1, 0, 1]], torch.eye(2)[[0, 0, 1, 1]], torch.arange(4))],
+                    lambda x: x, DistInfo())
+    # eta starts as the normalised mean of both views' outputs, for every image
+    assert torch.allclose(bank.memory, torch.tensor([[1.0, 0.0], [0.5 ** 0.5] * 2, [0.5 ** 0.5] * 2, [0.0, 1.0]]))
+    idx = torch.tensor([1])
     eta = bank.memory[1].clone()
-    t1, _ = bank.targets(idx, z1, z2, DistInfo())
+    t1, t2 = bank.targets(idx, z1, z2, DistInfo())  # the first visit already uses m (no momentum-0 visit)
     assert torch.allclose(t1, 0.8 * eta + 0.2 * torch.tensor([0.0, 1.0]))
+    assert torch.allclose(t2, 0.8 * eta + 0.2 * torch.tensor([1.0, 0.0]))
 
 
 def test_invalid_values_name_the_key():
