@@ -60,9 +60,11 @@ def build_cfg(job, cuda=None):
     if not (torch.cuda.is_available() if cuda is None else cuda):
         cfg.MODEL.DEVICE = "cpu"
     if cfg.MODEL.RESNETS.NORM == "SyncBN" and (job.world_size == 1 or cfg.MODEL.DEVICE == "cpu"):
-        # nn.SyncBatchNorm needs CUDA and a process group; naiveSyncBN is plain BN at world size 1.
-        logger.warning("MODEL.RESNETS.NORM SyncBN cannot run with %d process(es) on %s; using naiveSyncBN",
-                       job.world_size, cfg.MODEL.DEVICE)
+        # nn.SyncBatchNorm needs CUDA and a process group; naiveSyncBN is plain BN at world size 1
+        # (the same BN group), and syncs over gloo processes on CPU.
+        log = logger.info if job.world_size == 1 else logger.warning
+        log("MODEL.RESNETS.NORM SyncBN cannot run with %d process(es) on %s; using naiveSyncBN",
+            job.world_size, cfg.MODEL.DEVICE)
         cfg.MODEL.RESNETS.NORM = "naiveSyncBN"
     if cfg.MODEL.RESNETS.NORM == "FrozenBN" and not cfg.MODEL.WEIGHTS:
         raise UserError("MODEL.RESNETS.NORM FrozenBN with --weights none diverges (frozen random "

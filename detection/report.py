@@ -15,7 +15,7 @@ import io
 import json
 from pathlib import Path
 
-from detection.protocol import CELL_METRICS, REPORTED_METRICS, RULES, build_summary
+from detection.protocol import CELL_METRICS, REPORTED_METRICS, RULES, build_summary, counts_as_done
 from detection.runstore import RunStore
 from simsiam_transfer import atomic
 from simsiam_transfer.errors import UserError
@@ -138,11 +138,11 @@ def _diff(summary, task, row):
 
 
 def _notes(benches, reference):
-    searches = list(dict.fromkeys(b["summary"]["selection"]["search"] for b in benches))
+    searches = {b["summary"]["selection"]["search"]: b["summary"]["selection"]["metric"] for b in benches}
     notes = ["Cells: mean ± sample std over the counted trials at the selected fine-tuning LR; n = trials. "
              "Setup: world size × images per GPU, the BN group (images one BN normalises over) and the "
              "selected LR; ⚠ marks a batch, BN group or schedule that differs from the config's protocol."]
-    notes += [f"Search {s}: {RULES[s].format(m='the metric')}." for s in searches]
+    notes += [f"Search {s}: {RULES[s].format(m=m)}." for s, m in searches.items()]
     non_finite = sum(len(b["summary"]["trials"]["non_finite"]) for b in benches)
     if non_finite:
         notes.append(f"{non_finite} trial(s) with a NaN/inf selection metric are counted as failed.")
@@ -193,8 +193,11 @@ def _trial_rows(benches):
         for r in sorted(b["records"], key=lambda r: (r["lr"], r["trial"])):
             setup = f"{r['world_size']}×{r['ims_per_gpu']}" if r.get("world_size") and r.get("ims_per_gpu") else "–"
             values = [(r.get("metrics") or {}).get(k) for k in REPORTED_METRICS]
+            status = r["status"]
+            if status == "done" and not counts_as_done(r, s["selection"]["metric"]):
+                status = "failed (non-finite)"
             rows.append([s["name"], s["benchmark"], r["id"], f"{r['lr']:g}", str(r["trial"]), str(r["seed"]),
-                         r["status"], setup] + ["–" if v is None else f"{v:.1f}" for v in values])
+                         status, setup] + ["–" if v is None else f"{v:.1f}" for v in values])
     keep = [i for i, h in enumerate(header) if "/" not in h or any(row[i] != "–" for row in rows)]
     return [header[i] for i in keep], [[row[i] for i in keep] for row in rows]
 
