@@ -128,7 +128,8 @@ class Bench:
         gpus = self.gpus_per_trial(torch.cuda.device_count())
         self.job = self.spec.job(gpus)
         first = self.job.with_overrides("SOLVER.BASE_LR", repr(self.spec.lrs[0])) if self.spec.lrs else self.job
-        _, cfg, batch = preflight(first)
+        remote = self.spec.executor.kind == "slurm" and gpus > 0  # trials run on GPU nodes, not here
+        _, cfg, batch = preflight(first, cuda=True if remote else None)
         evaluators = self._check_metric(cfg)
         self.batch = batch
         weights = self.spec.weights

@@ -1,4 +1,5 @@
-"""Where trials run: local subprocesses (one per GPU in parallel) or submitit jobs (Slurm, or submitit's
+"""Where trials run: local subprocesses (one trial at a time on all its GPUs, or one per GPU group in
+parallel within the parent's ``CUDA_VISIBLE_DEVICES``) or submitit jobs (Slurm, or submitit's
 local executor, which runs the same job code without a cluster).
 
 A trial is one ``simsiam-transfer finetune`` into its own folder. A trial that is interrupted

@@ -93,13 +93,16 @@ def evaluator_types(cfg):
     return [MetadataCatalog.get(name).get("evaluator_type") for name in cfg.DATASETS.TEST]
 
 
-def preflight(job):
-    """Validate inputs, fix the seed, and return (job with an explicit SEED, its cfg, its batch plan)."""
+def preflight(job, cuda=None):
+    """Validate inputs, fix the seed, and return (job with an explicit SEED, its cfg, its batch plan).
+
+    ``cuda=True`` plans for GPU machines elsewhere (a Slurm submit host): the memory check is then
+    left to the machine that runs the trial."""
     from detection.datasets import check_dataset_names, register_datasets
 
     check_weights_file(job.weights)
     specs = register_datasets(job.data_root, job.datasets)
-    cfg = build_cfg(job)
+    cfg = build_cfg(job, cuda)
     check_dataset_names(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST), specs, job.datasets)
     for name in cfg.DATASETS.TRAIN:
         classes = specs[name].get("classes")
@@ -118,7 +121,8 @@ def preflight(job):
         cfg.SEED = seed
         cfg.freeze()
     batch = batch_policy.plan_batch(cfg, job.world_size, job.scaling)
-    batch_policy.check_fits(batch, batch_policy.visible_gpu_gb())
+    if cuda is None:
+        batch_policy.check_fits(batch, batch_policy.visible_gpu_gb())
     return job, cfg, batch
 
 

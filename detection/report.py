@@ -15,13 +15,14 @@ import io
 import json
 from pathlib import Path
 
-from detection.protocol import CELL_METRICS, REPORTED_METRICS, RULES, build_summary, counts_as_done
+from detection.protocol import (CELL_METRICS, DEFAULT_METRIC, REPORTED_METRICS, RULES, TASKS, build_summary,
+                                counts_as_done)
 from detection.runstore import RunStore
 from simsiam_transfer import atomic
 from simsiam_transfer.errors import UserError
 
 TITLES = {"voc07": "VOC 07", "voc0712": "VOC 07+12", "coco_1x": "COCO 1x", "coco_2x": "COCO 2x"}
-TASKS = {"bbox": "det.", "segm": "seg."}
+TASK_TITLES = dict(zip(TASKS, ("det.", "seg.")))
 # The SimSiam paper's Table 5 (Chen & He, CVPR 2021): AP50 / AP / AP75 per column; VOC is the
 # mean over 5 trials; COCO is Mask R-CNN R50-C4 1x. Keys: our benchmark name (without _mini), task.
 PAPER_TABLE5 = {
@@ -73,7 +74,7 @@ def _columns(benches):
     cols = []
     for b in benches:
         s = b["summary"]
-        for task in TASKS:
+        for task in TASK_TITLES:
             key = (s["benchmark"], s.get("column"), task)
             if any(k.startswith(task + "/") for k in s["metrics"]) and key not in cols:
                 cols.append(key)
@@ -85,7 +86,7 @@ def _groups(cols):
 
 
 def _header(bm, label, task):
-    return f"{benchmark_title(bm)} {TASKS[task]} ({label or 'setup not recorded'}) AP50 / AP / AP75"
+    return f"{benchmark_title(bm)} {TASK_TITLES[task]} ({label or 'setup not recorded'}) AP50 / AP / AP75"
 
 
 def _fmt(stat, latex=False):
@@ -329,7 +330,7 @@ def _latex(headers, body, paper, diffs, benches, per_trial, reference):
     return "\n".join(lines) + "\n"
 
 
-def plot_ap_vs_lr(benches, path, metric="bbox/AP"):
+def plot_ap_vs_lr(benches, path, metric=DEFAULT_METRIC):
     import matplotlib
 
     matplotlib.use("Agg")

@@ -95,7 +95,7 @@ def _check_summary_matches_store(out):
     for e in _events(out):
         latest[e["id"]] = e
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["trials"] == {"done": 4, "failed": 0, "unfinished": 0}
+    assert summary["trials"] == {"done": 4, "failed": 0, "unfinished": 0, "non_finite": []}
     lr = summary["selected_lr"]
     for key in ("bbox/AP50", "bbox/AP", "bbox/AP75"):
         values = [r["metrics"][key] for r in latest.values() if r["lr"] == lr]
