@@ -125,7 +125,11 @@ class Bench:
 
         from detection.finetune import preflight
 
-        gpus = self.gpus_per_trial(torch.cuda.device_count())
+        visible = torch.cuda.device_count()
+        gpus = self.gpus_per_trial(visible)
+        if self.spec.executor.kind != "slurm" and gpus > visible:
+            raise UserError(f"--gpus-per-trial {gpus}: this machine shows {visible} GPU(s); use at most {visible}, "
+                            "or --executor slurm")
         self.job = self.spec.job(gpus)
         first = self.job.with_overrides("SOLVER.BASE_LR", repr(self.spec.lrs[0])) if self.spec.lrs else self.job
         remote = self.spec.executor.kind == "slurm" and gpus > 0  # trials run on GPU nodes, not here

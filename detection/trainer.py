@@ -13,7 +13,7 @@ from detectron2.utils.events import CommonMetricPrinter, JSONWriter, Tensorboard
 from simsiam_transfer.versions import compiled_ops_available
 
 # detectron2's default JSONWriter uses OUTPUT_DIR/metrics.json, which this toolkit reserves
-# for the final evaluation numbers (CONTRACTS.md); training statistics go here instead.
+# for the final evaluation numbers (README: Fine-tuning, Outputs); training statistics go here instead.
 TRAIN_LOG = "train_log.jsonl"
 
 

@@ -165,6 +165,11 @@ def test_reports_in_markdown_csv_and_latex(local_sweep, tmp_path):
     latex = run_cli("report", out, "--format", "latex")
     assert r"\begin{tabular}" in latex.stdout and rf"{ap['mean']:.1f} $\pm$ {ap['std']:.1f}" in latex.stdout
     assert "% LR search: R18 on VOC 07 (mini)" in latex.stdout and latex.stdout.count(r"\begin{tabular}") == 2
+    full = run_cli("report", out, "--per-trial", "--reference", "paper")
+    assert full.returncode == 0 and "| paper: SimSiam, optimal | 77.3 / 48.5 / 52.5 |" in full.stdout
+    assert "| R18 − SimSiam, base |" in full.stdout and "| R18 | voc07_mini | lr0.02_t1 | 0.02 | 1 | 1001 | done | 1×4 |" in full.stdout
+    folder = run_cli("report", out, "--out", tmp_path)
+    assert folder.returncode == 2 and "is a folder" in folder.stderr
 
 
 def test_failing_trials_are_recorded_and_do_not_stop_the_sweep(synthetic, r18_pkl, tmp_path):

@@ -292,3 +292,13 @@ def test_csv_and_latex_reports_carry_the_same_provenance(two_rows):
     assert r"1$\times$4, BN 4, LR 0.05" in latex and "paper: SimSiam, base" in latex
     assert "11-point AP" in latex and "% Trials" in latex and r"\textbf{!}" in latex
     assert "includes trial 0" in latex and latex.count(r"\begin{tabular}") == 5
+
+
+def test_more_gpus_per_trial_than_visible_is_refused_before_any_write(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert cli_main("bench", "--benchmark", "voc07_mini", "--weights", "none", "--output-dir", tmp_path / "b",
+                    "--gpus-per-trial", "2") == 2
+    assert "--gpus-per-trial 2: this machine shows 1 GPU(s)" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
