@@ -12,7 +12,6 @@
    near-identity blocks, which fine-tune worse than random init.
 """
 
-import copy
 import logging
 
 import numpy as np
@@ -53,34 +52,43 @@ def _is_backbone_key(key):
     return key.startswith("roi_heads.res5.") and not key.startswith("roi_heads.res5.norm.")
 
 
-def _quiet_load(model, payload):
-    """detectron2's own checkpoint-loading logic on an in-memory payload; returns incompatible keys."""
-    from detectron2.checkpoint import DetectionCheckpointer
+def load_payload(model, payload):
+    """Load a detectron2 .pkl payload into ``model`` the way ``DetectionCheckpointer`` does, through
+    public API only: detectron2's name-matching heuristics (``align_and_update_state_dicts``) when the
+    file asks for them, tensors of the wrong shape left out, then ``load_state_dict(strict=False)``.
+    Returns (missing keys, unexpected keys, [(key, file shape, model shape)] of wrong shapes)."""
+    from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 
-    checkpointer = DetectionCheckpointer(model)
-    fvcore_logger = logging.getLogger("fvcore")
-    d2_logger = logging.getLogger("detectron2")
-    levels = fvcore_logger.level, d2_logger.level
-    fvcore_logger.setLevel(logging.ERROR)
-    d2_logger.setLevel(logging.ERROR)
-    try:
-        return checkpointer._load_model(copy.deepcopy(payload))
-    finally:
-        fvcore_logger.setLevel(levels[0])
-        d2_logger.setLevel(levels[1])
+    model_state = model.state_dict()
+    weights = {k: torch.as_tensor(np.asarray(v)) for k, v in payload["model"].items()}
+    if payload.get("matching_heuristics", False):
+        d2_logger = logging.getLogger("detectron2")
+        level = d2_logger.level
+        d2_logger.setLevel(logging.ERROR)  # it logs one line per matched tensor
+        try:
+            weights = align_and_update_state_dicts(model_state, weights,
+                                                   c2_conversion=payload.get("__author__") == "Caffe2")
+        finally:
+            d2_logger.setLevel(level)
+    wrong = [(k, tuple(v.shape), tuple(model_state[k].shape)) for k, v in weights.items()
+             if k in model_state and tuple(v.shape) != tuple(model_state[k].shape)]
+    for key, *_ in wrong:
+        del weights[key]
+    result = model.load_state_dict(weights, strict=False)
+    return list(result.missing_keys), list(result.unexpected_keys), wrong
 
 
 def coverage_problems(model, payload):
     """List of human-readable problems; empty when the payload covers backbone + res5 exactly."""
-    incompatible = _quiet_load(model, payload)
+    missing_keys, unexpected_keys, wrong_shapes = load_payload(model, payload)
     problems = []
-    missing = [k for k in incompatible.missing_keys if _is_backbone_key(k)]
+    missing = [k for k in missing_keys if _is_backbone_key(k)]
     if missing:
         problems.append(f"{len(missing)} backbone/res5 tensor(s) not in the file, e.g. {missing[:3]}")
-    shapes = [k for k, *_ in incompatible.incorrect_shapes if _is_backbone_key(k)]
+    shapes = [k for k, *_ in wrong_shapes if _is_backbone_key(k)]
     if shapes:
         problems.append(f"{len(shapes)} tensor(s) with the wrong shape, e.g. {shapes[:3]}")
-    unused = [k for k in incompatible.unexpected_keys
+    unused = [k for k in unexpected_keys
               if k.split(".")[0] in ("stem", "res2", "res3", "res4", "res5") and ".fc." not in k]
     if unused:
         problems.append(f"{len(unused)} backbone tensor(s) of the file left unused, e.g. {unused[:3]}")

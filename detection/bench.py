@@ -10,20 +10,27 @@ retries failed ones up to ``--max-retries``.
 import fcntl
 import hashlib
 import json
+import os
 import threading
 from pathlib import Path
 
 from tqdm import tqdm
 
 from detection import protocol
-from detection.executors import LocalExecutor, SubmititExecutor, TrialSpec
+from detection.executors import LocalExecutor, SubmititExecutor, device_slots
 from detection.runstore import RunStore
+from detection.spec import SweepSpec, Trial, sweep_spec_from_args
 from simsiam_transfer import atomic
 from simsiam_transfer.errors import UserError
 
 SETTINGS = "bench.json"
-# Settings that change what a trial computes: a DIR holds one value of each.
-FIXED_SETTINGS = ("benchmark", "config", "weights_sha256", "overrides", "metric", "datasets", "data_root")
+# Settings that change what a trial computes: a DIR holds one value of each (the effective
+# batch setup included, so trials made with another batch, LR scale or BN group never mix).
+FIXED_SETTINGS = ("benchmark", "config", "weights_sha256", "overrides", "metric", "datasets", "data_root",
+                  "scaling", "world_size", "ims_per_gpu", "effective_batch", "bn_mode", "bn_group", "lr_scale",
+                  "max_iter")
+PROTOCOL_WORLD_SIZE = 8  # MoCo's detection runs: 8 GPUs x 2 images; a Slurm trial's default
+__all__ = ["Bench", "SweepSpec", "sweep_spec_from_args", "write_outputs"]
 
 
 def file_sha256(path):
@@ -34,118 +41,168 @@ def file_sha256(path):
     return h.hexdigest()
 
 
-def resolve_benchmark(name):
-    """(benchmark label, config) for a --benchmark name or config file."""
-    from simsiam_transfer.config import resolve_config
-
-    if name in protocol.BENCHMARKS:
-        return name, protocol.BENCHMARKS[name]
-    if name.endswith((".yaml", ".yml")):
-        resolve_config(name)
-        return Path(name).stem, name
-    raise UserError(f"--benchmark {name}: not one of {sorted(protocol.BENCHMARKS)} nor a .yaml config file")
+def _iterations(n):
+    return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else f"{n} it"
 
 
-def gpus_per_trial(requested, executor):
-    """--num-gpus as given; else one node of 8 GPUs per Slurm job (the protocol's world size),
-    and locally 1 GPU per trial when GPUs are visible (several trials then run at once)."""
-    if requested is not None:
-        return requested
-    if executor == "slurm":
-        return 8
-    import torch
+def column_label(cfg, batch, evaluators):
+    """What a report column measured, e.g. "voc_2007_test, VOC07 11-point AP, Faster R-CNN R50-C4 24k"."""
+    from detectron2.data import MetadataCatalog
 
-    return 1 if torch.cuda.is_available() else 0
-
-
-def default_name(weights):
-    return "scratch" if weights == "none" else Path(weights).stem
+    names = {"voc_2007_test": "VOC 07 test", "coco_2017_val": "COCO val2017"}
+    test = " + ".join(names.get(n, n) for n in cfg.DATASETS.TEST)
+    kinds = []
+    for name, kind in zip(cfg.DATASETS.TEST, evaluators):
+        if kind == "pascal_voc":
+            year = MetadataCatalog.get(name).get("year", 2007)
+            kinds.append("11-point AP" if year == 2007 else "area AP")
+        else:
+            kinds.append("COCO AP")
+    arch = "Mask R-CNN" if cfg.MODEL.MASK_ON else "Faster R-CNN"
+    return (f"{test}, {' / '.join(dict.fromkeys(kinds))}, {arch} R{cfg.MODEL.RESNETS.DEPTH}-C4 "
+            f"{_iterations(batch.max_iter)}")
 
 
 class Bench:
-    def __init__(self, args):
-        self.args = args
-        self.out = Path(args.output_dir)
-        benchmark, config = resolve_benchmark(args.benchmark)
-        weights = args.weights if args.weights == "none" else str(Path(args.weights).resolve())
-        if weights != "none" and not Path(weights).is_file():
-            raise UserError(f"--weights {args.weights}: file not found (a converted .pkl, or 'none')")
-        # Refuse bad arguments before anything is written.
-        self.lrs = protocol.parse_lrs(args.lrs) if args.lrs else None
-        if args.trials < 1:
-            raise UserError(f"--trials must be >= 1, got {args.trials}")
-        if args.max_retries < 0:
-            raise UserError("--max-retries must be >= 0")
-        self.settings = {
-            "name": args.name or default_name(args.weights), "benchmark": benchmark, "config": config,
-            "weights": weights, "weights_sha256": "none" if weights == "none" else file_sha256(weights),
-            "lrs": None, "trials": args.trials, "search": args.search, "metric": args.metric,
-            "overrides": list(args.overrides), "datasets": _abs(args.datasets), "data_root": _abs(args.data_root),
-            "executor": args.executor, "num_gpus": gpus_per_trial(args.num_gpus, args.executor),
-        }
+    """Runs one ``SweepSpec``: checks everything, then trials through an executor into ``output_dir``."""
+
+    def __init__(self, spec: SweepSpec):
+        spec.validate()
+        self.spec = spec
+        self.out = Path(spec.output_dir)
+        self.label, self.config = spec.resolved_benchmark()
         self.store = RunStore(self.out)
         self._lock = threading.Lock()
 
-    # -- settings & pre-flight ------------------------------------------------------------------
-    def _check_settings(self):
+    def gpus_per_trial(self, visible):
+        """--gpus-per-trial as given; else 8 per Slurm job (the protocol's world size), and locally
+        every visible GPU (one trial at a time; 0 on CPU)."""
+        requested = self.spec.executor.gpus_per_trial
+        if requested is not None:
+            return requested
+        return PROTOCOL_WORLD_SIZE if self.spec.executor.kind == "slurm" else visible
+
+    # -- plan & pre-flight ------------------------------------------------------------------------
+    def _check_metric(self, cfg):
+        from detection.finetune import evaluator_types
+
+        kinds = evaluator_types(cfg)
+        protocol.check_metric(self.spec.metric, protocol.allowed_metrics(kinds, cfg.MODEL.MASK_ON), self.label)
+        return kinds
+
+    def plan(self, assume_gpus=None):
+        """The sweep as ``bench --dry-run`` prints it; checks the config and arguments, runs nothing."""
+        import torch
+
+        from detection.finetune import plan
+
+        visible = torch.cuda.device_count() if assume_gpus is None else assume_gpus
+        gpus = self.gpus_per_trial(visible)
+        job = self.spec.job(gpus)
+        cfg, batch = plan(job, cuda=gpus > 0)
+        self._check_metric(cfg)
+        lrs = list(self.spec.lrs or [float(cfg.SOLVER.BASE_LR)])
+        first = protocol.search_plan(lrs, self.spec.trials, self.spec.search)
+        later = protocol.repeat_plan("SELECTED", self.spec.trials, self.spec.search)
+        slots = device_slots(os.environ.get("CUDA_VISIBLE_DEVICES") if assume_gpus is None else None,
+                             visible, gpus) if self.spec.executor.kind == "local" else None
+        return {
+            "name": self.spec.name, "benchmark": self.label, "config": self.config, "weights": self.spec.weights,
+            "output_dir": str(self.out), "executor": self.spec.executor.kind, "visible_gpus": visible,
+            "gpus_per_trial": gpus, "parallel_trials": len(slots) if slots else None,
+            "search": self.spec.search, "metric": self.spec.metric,
+            "rule": protocol.RULES[self.spec.search].format(m=self.spec.metric), "lrs": lrs,
+            "fine_tunes": len(first) + len(later),
+            "per_trial": batch.as_dict(),
+            "trials": [{"id": protocol.trial_id(lr, t), "lr": lr, "effective_lr": lr * batch.lr_scale,
+                        "trial": t, "seed": protocol.trial_seed(t)} for lr, t in first],
+            "then_at_selected_lr": [{"trial": t, "seed": protocol.trial_seed(t)} for _, t in later],
+        }
+
+    def _prepare(self):
+        """Every check (arguments, config, data, weights, metric, memory) and the settings; writes nothing."""
+        import torch
+
+        from detection.finetune import preflight
+
+        visible = torch.cuda.device_count()
+        gpus = self.gpus_per_trial(visible)
+        if self.spec.executor.kind != "slurm" and gpus > visible:
+            raise UserError(f"--gpus-per-trial {gpus}: this machine shows {visible} GPU(s); use at most {visible}, "
+                            "or --executor slurm")
+        self.job = self.spec.job(gpus)
+        first = self.job.with_overrides("SOLVER.BASE_LR", repr(self.spec.lrs[0])) if self.spec.lrs else self.job
+        remote = self.spec.executor.kind == "slurm" and gpus > 0  # trials run on GPU nodes, not here
+        _, cfg, batch = preflight(first, cuda=True if remote else None)
+        evaluators = self._check_metric(cfg)
+        self.batch = batch
+        weights = self.spec.weights
+        setup = batch.as_dict()
+        return {
+            "name": self.spec.name, "benchmark": self.label, "config": self.config, "weights": weights,
+            "weights_sha256": "none" if weights == "none" else file_sha256(weights),
+            "lrs": list(self.spec.lrs or [float(cfg.SOLVER.BASE_LR)]), "trials": self.spec.trials,
+            "search": self.spec.search, "metric": self.spec.metric, "overrides": list(self.spec.overrides),
+            "datasets": self.spec.datasets, "data_root": self.spec.data_root,
+            "executor": self.spec.executor.kind, "gpus_per_trial": gpus,
+            "column": column_label(cfg, batch, evaluators),
+            **{k: setup[k] for k in protocol.SETUP_KEYS}, "steps": setup["steps"],
+            "warmup_iters": setup["warmup_iters"],
+        }
+
+    def _check_settings(self, settings):
         path = self.out / SETTINGS
         if not path.is_file():
             return
-        saved = json.loads(path.read_text())
-        changed = [k for k in FIXED_SETTINGS if saved.get(k) != self.settings.get(k)]
+        try:
+            saved = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{path}: unreadable ({exc}); not a bench folder, use a new --output-dir") from None
+        changed = [f"{k} {saved.get(k)!r} (now {settings.get(k)!r})" for k in FIXED_SETTINGS
+                   if saved.get(k) != settings.get(k)]
         if changed:
-            raise UserError(f"{self.out} holds a sweep with other {', '.join(changed)}; use a new --output-dir "
+            raise UserError(f"{self.out} holds a sweep with {'; '.join(changed)}; use a new --output-dir "
                             "(or the original settings to resume it)")
 
-    def _preflight(self, first_lr=None):
-        """Everything the trials would refuse, refused once before any trial starts."""
-        from detection.finetune import FinetuneJob, preflight
-
-        lr_override = ["SOLVER.BASE_LR", repr(first_lr)] if first_lr is not None else []
-        job = FinetuneJob(config_file=self.settings["config"], weights=self.settings["weights"],
-                          overrides=self.settings["overrides"] + lr_override,
-                          datasets=self.settings["datasets"], data_root=self.settings["data_root"],
-                          num_gpus=self.settings["num_gpus"])
-        _, cfg = preflight(job)
-        return cfg
-
     # -- trials -----------------------------------------------------------------------------------
-    def _spec(self, lr, trial):
-        tid = protocol.trial_id(lr, trial)
-        return TrialSpec(id=tid, lr=lr, trial=trial, seed=protocol.trial_seed(trial), config=self.settings["config"],
-                         weights=self.settings["weights"], output_dir=str(self.out / "trials" / tid),
-                         overrides=self.settings["overrides"], datasets=self.settings["datasets"],
-                         data_root=self.settings["data_root"], num_gpus=self.settings["num_gpus"])
+    def _trial(self, lr, trial):
+        return Trial(job=self.job, lr=lr, trial=trial, seed=protocol.trial_seed(trial),
+                     output_dir=str(self.out / "trials" / protocol.trial_id(lr, trial)))
 
-    def _base_record(self, spec, **fields):
-        previous = self.store.records().get(spec.id, {})
-        return {"id": spec.id, "lr": spec.lr, "trial": spec.trial, "seed": spec.seed, "output_dir": spec.output_dir,
-                "weights": self.settings["weights"], "weights_sha256": self.settings["weights_sha256"],
-                "attempt": previous.get("attempt", 0), "metrics": {}, "error": None, "job_id": None, **fields}
+    def _base_record(self, trial, **fields):
+        previous = self.store.records().get(trial.id, {})
+        return {"id": trial.id, "lr": trial.lr, "trial": trial.trial, "seed": trial.seed,
+                "output_dir": trial.output_dir, "weights": self.settings["weights"],
+                "weights_sha256": self.settings["weights_sha256"], "attempt": previous.get("attempt", 0),
+                "metrics": {}, "error": None, "job_id": None,
+                **{k: self.settings[k] for k in protocol.SETUP_KEYS}, **fields}
 
-    def _on_start(self, spec, job_id):
+    def _on_start(self, trial, job_id):
         with self._lock:
-            record = self._base_record(spec, status="running", job_id=job_id)
+            record = self._base_record(trial, status="running", job_id=job_id)
             record["attempt"] += 1
             self.store.put(record)
-            self._say(f"[bench] {spec.id}: running (attempt {record['attempt']}, seed {spec.seed})")
+            self._say(f"[bench] {trial.id}: running (attempt {record['attempt']}, seed {trial.seed})")
 
-    def _on_finish(self, spec, result):
+    def _on_finish(self, trial, result):
         with self._lock:
-            record = self._base_record(spec, job_id=result.job_id)
+            record = self._base_record(trial, job_id=result.job_id)
             if result.ok:
                 m = result.metrics
                 record.update(status="done", metrics={k: v for k, v in m.items() if "/" in k},
                               wall_time_s=m.get("wall_time_s"), config_hash=m.get("config_hash"),
-                              world_size=m.get("world_size"), norm=m.get("norm"), versions=m.get("versions"))
-                if not self.args.keep_checkpoints:
-                    _drop_intermediate_checkpoints(spec.output_dir)
+                              norm=m.get("norm"), versions=m.get("versions"),
+                              **{k: m[k] for k in protocol.SETUP_KEYS if k in m})
+                if not self.spec.keep_checkpoints:
+                    _drop_intermediate_checkpoints(trial.output_dir)
                 shown = ", ".join(f"{k} {v:.2f}" for k, v in record["metrics"].items()
-                                  if k.split("/")[1] in ("AP50", "AP", "AP75") and v is not None)
-                self._say(f"[bench] {spec.id}: done  {shown}")
+                                  if k in protocol.REPORTED_METRICS and protocol.is_finite(v))
+                if not protocol.counts_as_done(record, self.spec.metric):
+                    shown += f"; {self.spec.metric} is not finite: counted as failed"
+                self._say(f"[bench] {trial.id}: done  {shown}")
             else:
                 record.update(status="failed", error=result.error)
-                self._say(f"[bench] {spec.id}: FAILED {result.error}")
+                self._say(f"[bench] {trial.id}: FAILED {result.error}")
             self.store.put(record)
             if result.ok:
                 self._bar.update(1)
@@ -157,36 +214,38 @@ class Bench:
         """Trials of ``plan`` still to run: not done, and failed fewer times than allowed."""
         records = self.store.records()
         todo = []
-        for lr, trial in plan:
-            spec = self._spec(lr, trial)
-            rec = records.get(spec.id)
+        for lr, t in plan:
+            trial = self._trial(lr, t)
+            rec = records.get(trial.id)
             if rec and rec["status"] == "done":
                 continue
-            if rec and rec["status"] == "failed" and rec["attempt"] > self.args.max_retries:
+            if rec and rec["status"] == "failed" and rec["attempt"] > self.spec.max_retries:
                 continue
             if rec is None:
-                self.store.put(self._base_record(spec, status="queued"))
-            todo.append(spec)
+                self.store.put(self._base_record(trial, status="queued"))
+            todo.append(trial)
         return todo
 
     def _execute(self, plan, executor):
-        for _ in range(self.args.max_retries + 1):
+        for _ in range(self.spec.max_retries + 1):
             todo = self._todo(plan)
             if not todo:
                 return
             executor.run(todo, self._on_start, self._on_finish)
 
     def _executor(self):
-        gpus = self.settings["num_gpus"]
-        if self.args.executor == "local":
+        ex, gpus = self.spec.executor, self.settings["gpus_per_trial"]
+        if ex.kind == "local":
             return LocalExecutor(gpus)
-        cluster = "slurm" if self.args.executor == "slurm" else "local"
-        return SubmititExecutor(self.out / "submitit", cluster=cluster, gpus_per_trial=gpus,
-                                partition=self.args.slurm_partition, timeout_min=self.args.slurm_time,
-                                cpus_per_task=self.args.slurm_cpus_per_task)
+        return SubmititExecutor(self.out / "submitit", cluster="slurm" if ex.kind == "slurm" else "local",
+                                gpus_per_trial=gpus, partition=ex.slurm_partition, timeout_min=ex.slurm_time_min,
+                                cpus_per_gpu=ex.slurm_cpus_per_gpu, mem_per_gpu_gb=ex.slurm_mem_per_gpu_gb)
 
     # -- run --------------------------------------------------------------------------------------
     def run(self):
+        settings = self._prepare()
+        self._check_settings(settings)  # before the folder exists: a refused sweep writes nothing
+        self.settings = settings
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / ".lock", "w") as lock:
             try:
@@ -199,42 +258,50 @@ class Bench:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _run_locked(self):
-        self._check_settings()
-        cfg = self._preflight(self.lrs[0] if self.lrs else None)
-        lrs = self.lrs or [float(cfg.SOLVER.BASE_LR)]
-        self.settings["lrs"] = lrs
+        self._check_settings(self.settings)  # again under the lock: a concurrent first run may have written
         atomic.write_json(self.out / SETTINGS, self.settings)
-        print(f"[bench] {self.settings['name']} on {self.settings['benchmark']}: LRs {lrs}, "
-              f"{self.args.trials} trial(s), search {self.args.search}, metric {self.args.metric}", flush=True)
+        s, lrs = self.settings, self.settings["lrs"]
+        print(f"[bench] {s['name']} on {s['benchmark']} ({s['column']}): LRs {lrs}, {self.spec.trials} trial(s), "
+              f"search {self.spec.search}, metric {self.spec.metric}; per trial {s['world_size']} process(es) x "
+              f"{s['ims_per_gpu']} images = batch {s['effective_batch']}, {s['bn_mode']} over "
+              f"{s['bn_group']} images, {s['max_iter']} iterations ({s['scaling']})", flush=True)
+        if s["flags"]:
+            print(f"[bench] WARNING: not the protocol's setup: {'; '.join(s['flags'])}", flush=True)
         executor = self._executor()
-        planned = len(protocol.search_plan(lrs, self.args.trials, self.args.search)) + \
-            len(protocol.repeat_plan(lrs[0], self.args.trials, self.args.search))
+        planned = len(protocol.search_plan(lrs, self.spec.trials, self.spec.search)) + \
+            len(protocol.repeat_plan(lrs[0], self.spec.trials, self.spec.search))
         self._bar = tqdm(total=planned, desc="bench trials", unit="trial", dynamic_ncols=True,
                          initial=sum(r["status"] == "done" for r in self.store.records().values()))
         try:
-            self._execute(protocol.search_plan(lrs, self.args.trials, self.args.search), executor)
+            self._execute(protocol.search_plan(lrs, self.spec.trials, self.spec.search), executor)
             self._run_selected(lrs, executor)
         finally:
             self._bar.close()
         return write_outputs(self.out)
 
     def _run_selected(self, lrs, executor):
-        selected = protocol.select_lr(list(self.store.records().values()), self.args.metric, lrs,
-                                      self.args.search)
+        search, metric = self.spec.search, self.spec.metric
+        selected = protocol.select_lr(list(self.store.records().values()), metric, lrs, search)
         if selected is not None:
-            self._say(f"[bench] selected LR {selected:g} by {self.args.metric} "
-                      f"({'mean over trials' if self.args.search == 'full' else 'trial 0 of each LR'})")
-            self._execute(protocol.repeat_plan(selected, self.args.trials, self.args.search), executor)
+            self._say(f"[bench] selected LR {selected:g} by {metric} "
+                      f"({'mean over trials' if search == 'full' else 'trial 0 of each LR'})")
+            self._execute(protocol.repeat_plan(selected, self.spec.trials, search), executor)
+
+
+def bench_command(args):
+    """``simsiam-transfer bench``: argv -> SweepSpec -> plan (--dry-run) or run."""
+    bench = Bench(sweep_spec_from_args(args))
+    if args.dry_run:
+        print(json.dumps(bench.plan(args.assume_gpus), indent=2))
+        return 0
+    summary = bench.run()
+    return 0 if summary["selected_lr"] is not None else 1
 
 
 def _drop_intermediate_checkpoints(folder):
     """A finished trial needs only model_final.pth; periodic checkpoints were for resuming it."""
     for path in Path(folder).glob("model_[0-9]*.pth"):
         path.unlink()
-
-
-def _abs(path):
-    return str(Path(path).resolve()) if path else None
 
 
 def write_outputs(directory):
@@ -252,4 +319,7 @@ def write_outputs(directory):
     t = summary["trials"]
     print(f"[bench] trials: {t['done']} done, {t['failed']} failed, {t['unfinished']} unfinished; "
           f"summary in {directory / 'summary.json'}")
+    if t["non_finite"]:
+        print(f"[bench] {len(t['non_finite'])} trial(s) with a non-finite {summary['selection']['metric']} "
+              f"counted as failed: {', '.join(t['non_finite'])}")
     return summary

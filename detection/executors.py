@@ -1,4 +1,5 @@
-"""Where trials run: local subprocesses (one per GPU in parallel) or submitit jobs (Slurm, or submitit's
+"""Where trials run: local subprocesses (one trial at a time on all its GPUs, or one per GPU group in
+parallel within the parent's ``CUDA_VISIBLE_DEVICES``) or submitit jobs (Slurm, or submitit's
 local executor, which runs the same job code without a cluster).
 
 A trial is one ``simsiam-transfer finetune`` into its own folder. A trial that is interrupted
@@ -11,34 +12,12 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
 from submitit.helpers import Checkpointable
 
-
-@dataclasses.dataclass
-class TrialSpec:
-    id: str
-    lr: float
-    trial: int
-    seed: int
-    config: str
-    weights: str
-    output_dir: str
-    overrides: list = dataclasses.field(default_factory=list)
-    datasets: str = None
-    data_root: str = None
-    num_gpus: int = 0
-
-    def finetune_args(self):
-        args = ["finetune", "--config", self.config, "--weights", self.weights, "--num-gpus", str(self.num_gpus)]
-        if self.datasets:
-            args += ["--datasets", self.datasets]
-        if self.data_root:
-            args += ["--data-root", self.data_root]
-        return args + list(self.overrides) + ["SOLVER.BASE_LR", repr(self.lr), "SEED", str(self.seed),
-                                              "OUTPUT_DIR", self.output_dir]
+from detection.spec import SLURM_CPUS_PER_GPU, SLURM_MEM_PER_GPU_GB, SLURM_TIME_MIN
 
 
 @dataclasses.dataclass
@@ -49,8 +28,8 @@ class TrialResult:
     job_id: str = None
 
 
-def read_trial_metrics(spec):
-    path = Path(spec.output_dir) / "metrics.json"
+def read_trial_metrics(trial):
+    path = Path(trial.output_dir) / "metrics.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -60,97 +39,124 @@ def _last_error_line(text):
     return (errors or lines or ["no output"])[-1][:500]
 
 
-def run_trial_process(spec, env=None):
+def run_trial_process(trial, env=None):
     """Run one trial as ``python -m simsiam_transfer.cli finetune ...``; logs go to the trial folder."""
-    Path(spec.output_dir).mkdir(parents=True, exist_ok=True)
-    log_path = Path(spec.output_dir) / "finetune.log"
+    Path(trial.output_dir).mkdir(parents=True, exist_ok=True)
+    log_path = Path(trial.output_dir) / "finetune.log"
     with open(log_path, "a") as log:
-        proc = subprocess.run([sys.executable, "-m", "simsiam_transfer.cli", *spec.finetune_args()],
+        proc = subprocess.run([sys.executable, "-m", "simsiam_transfer.cli", *trial.argv()],
                               stdout=log, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
         log.write(proc.stderr)
-    metrics = read_trial_metrics(spec)
+    metrics = read_trial_metrics(trial)
     if proc.returncode == 0 and metrics is not None:
         return TrialResult(True, metrics)
     return TrialResult(False, error=f"exit {proc.returncode}: {_last_error_line(proc.stderr)}")
 
 
+def device_slots(parent_mask, device_count, gpus_per_trial):
+    """Device lists for parallel trials, drawn from the parent's ``CUDA_VISIBLE_DEVICES`` when set
+    (so trials stay on the GPUs this process was given), else from ``0..device_count-1``."""
+    if parent_mask is not None and parent_mask.strip():
+        devices = [d.strip() for d in parent_mask.split(",") if d.strip()][:device_count]
+    else:
+        devices = [str(i) for i in range(device_count)]
+    if not gpus_per_trial:
+        return [[]]
+    slots = [devices[i:i + gpus_per_trial] for i in range(0, len(devices), gpus_per_trial)]
+    return [s for s in slots if len(s) == gpus_per_trial] or [[]]
+
+
 class LocalExecutor:
-    """Trials in sequence on CPU or one GPU; with several GPUs, one single-GPU trial per GPU at once."""
+    """Trials in sequence on CPU, or on all GPUs a trial asks for; when a trial asks for fewer GPUs
+    than are visible, one trial per group of GPUs at once."""
 
-    def __init__(self, gpus_per_trial=0):
-        visible = torch.cuda.device_count()
-        self.slots = max(1, visible // gpus_per_trial) if gpus_per_trial and visible else 1
-        self.gpus_per_trial = gpus_per_trial
+    def __init__(self, gpus_per_trial=0, device_count=None, parent_mask=None):
+        if device_count is None:
+            import torch
 
-    def run(self, specs, on_start, on_finish):
-        if self.slots == 1:
-            for spec in specs:
-                on_start(spec, None)
-                on_finish(spec, run_trial_process(spec))
+            device_count = torch.cuda.device_count()
+        if parent_mask is None:
+            parent_mask = os.environ.get("CUDA_VISIBLE_DEVICES")
+        self.slots = device_slots(parent_mask, device_count, gpus_per_trial)
+
+    def run(self, trials, on_start, on_finish):
+        if len(self.slots) == 1:
+            for trial in trials:
+                on_start(trial, None)
+                on_finish(trial, run_trial_process(trial))
             return
-        from concurrent.futures import ThreadPoolExecutor
+        free = list(self.slots)
 
-        free = [list(range(i * self.gpus_per_trial, (i + 1) * self.gpus_per_trial)) for i in range(self.slots)]
-
-        def one(spec):
+        def one(trial):
             gpus = free.pop()
             try:
-                on_start(spec, None)
-                result = run_trial_process(spec, {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))})
+                on_start(trial, None)
+                result = run_trial_process(trial, {"CUDA_VISIBLE_DEVICES": ",".join(gpus)})
             finally:
                 free.append(gpus)
-            on_finish(spec, result)
+            on_finish(trial, result)
 
-        with ThreadPoolExecutor(self.slots) as pool:
-            list(pool.map(one, specs))
+        with ThreadPoolExecutor(len(self.slots)) as pool:
+            list(pool.map(one, trials))
 
 
 class TrialJob(Checkpointable):
     """submitit job body. On pre-emption or time-out submitit calls ``checkpoint`` and requeues the
     same call, which resumes from the trial folder's last checkpoint."""
 
-    def __call__(self, spec):
-        result = run_trial_process(spec)
+    def __call__(self, trial):
+        result = run_trial_process(trial)
         return dataclasses.asdict(result)
+
+
+def slurm_parameters(gpus_per_trial, partition=None, timeout_min=SLURM_TIME_MIN,
+                     cpus_per_gpu=SLURM_CPUS_PER_GPU, mem_per_gpu_gb=SLURM_MEM_PER_GPU_GB):
+    """submitit parameters of one trial job: one task that launches a process per GPU, with CPUs and
+    memory per GPU (a partition's default of ~1 CPU would starve detectron2's loaders)."""
+    gpus = max(gpus_per_trial, 1)
+    params = {"timeout_min": timeout_min, "tasks_per_node": 1, "nodes": 1,
+              "cpus_per_task": cpus_per_gpu * gpus, "mem_gb": mem_per_gpu_gb * gpus}
+    if gpus_per_trial:
+        params["gpus_per_node"] = gpus_per_trial
+    if partition:
+        params["slurm_partition"] = partition
+    return params
 
 
 class SubmititExecutor:
     """One submitit job per trial: ``cluster="slurm"`` on a cluster, ``"local"`` for tests/demos."""
 
-    def __init__(self, folder, cluster="slurm", gpus_per_trial=0, partition=None, timeout_min=4320,
-                 cpus_per_task=None, poll_s=1.0, max_parallel=None):
+    def __init__(self, folder, cluster="slurm", gpus_per_trial=0, partition=None, timeout_min=SLURM_TIME_MIN,
+                 cpus_per_gpu=SLURM_CPUS_PER_GPU, mem_per_gpu_gb=SLURM_MEM_PER_GPU_GB, poll_s=1.0,
+                 max_parallel=None):
         import submitit
 
         self.executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
-        params = {"timeout_min": timeout_min, "tasks_per_node": 1, "nodes": 1}
-        if gpus_per_trial:
-            params["gpus_per_node"] = gpus_per_trial
-        if cluster == "slurm":
-            if partition:
-                params["slurm_partition"] = partition
-            if cpus_per_task:
-                params["cpus_per_task"] = cpus_per_task
+        params = slurm_parameters(gpus_per_trial, partition, timeout_min, cpus_per_gpu, mem_per_gpu_gb)
+        if cluster != "slurm":  # submitit's local executor takes neither a partition nor memory
+            params = {k: v for k, v in params.items() if k in ("timeout_min", "tasks_per_node", "nodes",
+                                                                "gpus_per_node")}
         self.executor.update_parameters(**params)
         self.poll_s = poll_s
         # Slurm queues every trial at once; on one machine, jobs run one at a time by default.
         self.max_parallel = max_parallel or (None if cluster == "slurm" else 1)
 
-    def run(self, specs, on_start, on_finish):
-        waiting, pending = list(specs), []
+    def run(self, trials, on_start, on_finish):
+        waiting, pending = list(trials), []
         while waiting or pending:
             while waiting and (self.max_parallel is None or len(pending) < self.max_parallel):
-                spec = waiting.pop(0)
-                job = self.executor.submit(TrialJob(), spec)
-                on_start(spec, str(job.job_id))
-                pending.append((spec, job))
-            for spec, job in list(pending):
+                trial = waiting.pop(0)
+                job = self.executor.submit(TrialJob(), trial)
+                on_start(trial, str(job.job_id))
+                pending.append((trial, job))
+            for trial, job in list(pending):
                 if job.done():
-                    pending.remove((spec, job))
+                    pending.remove((trial, job))
                     try:
                         result = TrialResult(**job.result())
                     except Exception as exc:  # the job itself crashed (node failure, OOM kill, ...)
                         result = TrialResult(False, error=f"job {job.job_id} failed: {_last_error_line(str(exc))}")
                     result.job_id = str(job.job_id)
-                    on_finish(spec, result)
+                    on_finish(trial, result)
             if pending:
                 time.sleep(self.poll_s)

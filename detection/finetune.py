@@ -13,36 +13,26 @@ import json
 import logging
 import math
 import random
+import re
 import time
 from pathlib import Path
 
 import torch
 
+from detection import batch_policy, protocol
+from detection.spec import FinetuneJob, finetune_job_from_args
 from simsiam_transfer import atomic
 from simsiam_transfer.config import merge_file, merge_overrides, resolve_config
 from simsiam_transfer.errors import TrainingDiverged, UserError
 from simsiam_transfer.versions import library_versions
 
 logger = logging.getLogger("simsiam_transfer.finetune")
-
-
-@dataclasses.dataclass
-class FinetuneJob:
-    """Everything a worker needs; plain data so it pickles into spawned processes."""
-
-    config_file: str
-    weights: str  # a converted .pkl, or "none" for random init
-    overrides: list = dataclasses.field(default_factory=list)
-    data_root: str = None
-    datasets: str = None
-    num_gpus: int = 0
-    num_machines: int = 1
-    machine_rank: int = 0
-    dist_url: str = "auto"
-
-    @property
-    def world_size(self):
-        return max(self.num_gpus, 1) * self.num_machines
+# OUTPUT_DIR/schedule.json: the effective setup a fine-tune folder was started with; a resume
+# under another one is refused (it would evaluate a model trained to another schedule).
+SCHEDULE = "schedule.json"
+RESUME_KEYS = ("scaling", "world_size", "ims_per_gpu", "effective_batch", "bn_mode", "base_lr", "max_iter",
+               "steps", "warmup_iters")
+__all__ = ["FinetuneJob", "build_cfg", "preflight", "run_finetune", "finetune_command"]
 
 
 def config_hash(cfg):
@@ -53,8 +43,11 @@ def config_hash(cfg):
     return hashlib.sha256(c.dump().encode()).hexdigest()[:16]
 
 
-def build_cfg(job):
-    """The resolved, frozen detectron2 config for ``job`` (no side effects besides logging)."""
+def build_cfg(job, cuda=None):
+    """The resolved, frozen detectron2 config for ``job`` (no side effects besides logging).
+
+    ``cuda``: plan as if GPUs are (True) or are not (False) there; default: whether they are.
+    """
     import detection  # noqa: F401  (registers the ExtraNorm head)
     from detectron2.config import get_cfg
 
@@ -62,12 +55,16 @@ def build_cfg(job):
     merge_file(cfg, job.config_file)
     merge_overrides(cfg, job.overrides)
     cfg.MODEL.WEIGHTS = "" if job.weights == "none" else str(job.weights)
-    if not torch.cuda.is_available():
+    if job.scaling == "faithful":
+        cfg.SOLVER.REFERENCE_WORLD_SIZE = 0  # keep the config's batch, LR and schedule (batch_policy)
+    if not (torch.cuda.is_available() if cuda is None else cuda):
         cfg.MODEL.DEVICE = "cpu"
     if cfg.MODEL.RESNETS.NORM == "SyncBN" and (job.world_size == 1 or cfg.MODEL.DEVICE == "cpu"):
-        # nn.SyncBatchNorm needs CUDA and a process group; naiveSyncBN is plain BN at world size 1.
-        logger.warning("MODEL.RESNETS.NORM SyncBN cannot run with %d process(es) on %s; using naiveSyncBN",
-                       job.world_size, cfg.MODEL.DEVICE)
+        # nn.SyncBatchNorm needs CUDA and a process group; naiveSyncBN is plain BN at world size 1
+        # (the same BN group), and syncs over gloo processes on CPU.
+        log = logger.info if job.world_size == 1 else logger.warning
+        log("MODEL.RESNETS.NORM SyncBN cannot run with %d process(es) on %s; using naiveSyncBN",
+            job.world_size, cfg.MODEL.DEVICE)
         cfg.MODEL.RESNETS.NORM = "naiveSyncBN"
     if cfg.MODEL.RESNETS.NORM == "FrozenBN" and not cfg.MODEL.WEIGHTS:
         raise UserError("MODEL.RESNETS.NORM FrozenBN with --weights none diverges (frozen random "
@@ -76,16 +73,36 @@ def build_cfg(job):
     return cfg
 
 
-def preflight(job):
-    """Validate inputs, fix the seed, and return (job with an explicit SEED, its cfg)."""
+def check_weights_file(weights):
+    if weights != "none" and not Path(weights).is_file():
+        raise UserError(f"--weights {weights}: file not found (use a converted .pkl, or 'none')")
+
+
+def plan(job, cuda=None):
+    """(cfg, batch plan) for ``job`` without touching dataset files or weights (``--dry-run``)."""
+    from detection.datasets import register_datasets
+
+    register_datasets(job.data_root, job.datasets)
+    cfg = build_cfg(job, cuda)
+    return cfg, batch_policy.plan_batch(cfg, job.world_size, job.scaling)
+
+
+def evaluator_types(cfg):
+    from detectron2.data import MetadataCatalog
+
+    return [MetadataCatalog.get(name).get("evaluator_type") for name in cfg.DATASETS.TEST]
+
+
+def preflight(job, cuda=None):
+    """Validate inputs, fix the seed, and return (job with an explicit SEED, its cfg, its batch plan).
+
+    ``cuda=True`` plans for GPU machines elsewhere (a Slurm submit host): the memory check is then
+    left to the machine that runs the trial."""
     from detection.datasets import check_dataset_names, register_datasets
 
-    if job.weights != "none":
-        path = Path(job.weights)
-        if not path.is_file():
-            raise UserError(f"--weights {path}: file not found (use a converted .pkl, or 'none')")
+    check_weights_file(job.weights)
     specs = register_datasets(job.data_root, job.datasets)
-    cfg = build_cfg(job)
+    cfg = build_cfg(job, cuda)
     check_dataset_names(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST), specs, job.datasets)
     for name in cfg.DATASETS.TRAIN:
         classes = specs[name].get("classes")
@@ -98,12 +115,48 @@ def preflight(job):
         check_weights_cover_model(job.weights, cfg)
     if cfg.SEED < 0:
         seed = random.SystemRandom().randrange(2**31)
-        job = dataclasses.replace(job, overrides=list(job.overrides) + ["SEED", str(seed)])
+        job = job.with_overrides("SEED", seed)
         cfg = cfg.clone()
         cfg.defrost()
         cfg.SEED = seed
         cfg.freeze()
-    return job, cfg
+    batch = batch_policy.plan_batch(cfg, job.world_size, job.scaling)
+    if cuda is None:
+        batch_policy.check_fits(batch, batch_policy.visible_gpu_gb())
+    return job, cfg, batch
+
+
+def schedule_record(batch):
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(batch).items()
+            if k in RESUME_KEYS}
+
+
+def check_resume(output_dir, batch):
+    """Refuse to resume (or re-evaluate) a folder whose checkpoints were made under another setup."""
+    folder = Path(output_dir)
+    saved_path = folder / SCHEDULE
+    now = schedule_record(batch)
+    if saved_path.is_file():
+        changes = batch_policy.resume_changes(json.loads(saved_path.read_text()), now)
+        if changes:
+            raise UserError(f"{folder} was trained with {'; '.join(changes)}; it will not be resumed or "
+                            "evaluated under another setup: use a new OUTPUT_DIR")
+        return
+    last = folder / "last_checkpoint"
+    if last.is_file():
+        name = last.read_text().strip()
+        match = re.fullmatch(r"model_(\d+)\.pth", name)
+        if match is None or int(match.group(1)) + 1 >= batch.max_iter:
+            raise UserError(f"{folder}: checkpoint {name} has no {SCHEDULE} and may come from another "
+                            f"schedule (now {batch.max_iter} iterations); use a new OUTPUT_DIR")
+
+
+def diverged_reason(exc):
+    """The FloatingPointError line of a diverged run, also when ``launch`` wraps it (multi-GPU spawn)."""
+    if isinstance(exc, FloatingPointError):
+        return str(exc)
+    lines = [line for line in str(exc).splitlines() if line.startswith("FloatingPointError")]
+    return lines[-1].split(":", 1)[-1].strip() if lines else None
 
 
 def flatten_results(results):
@@ -131,10 +184,9 @@ def _worker(job):
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=True)
     trainer.train()
-    results = getattr(trainer, "_last_eval_results", None)
     if comm.is_main_process():
-        write_metrics(cfg, job, trainer.cfg, results, time.time() - start)
-    return results
+        write_metrics(cfg, job, trainer.eval_results, time.time() - start)
+    return trainer.eval_results
 
 
 def argparse_namespace(job):
@@ -145,20 +197,20 @@ def argparse_namespace(job):
                               machine_rank=job.machine_rank, dist_url=job.dist_url, opts=job.overrides)
 
 
-def write_metrics(cfg, job, effective_cfg, results, wall_time_s):
+def write_metrics(cfg, job, results, wall_time_s):
     flat = flatten_results(results)
     if not flat:
         raise RuntimeError("evaluation produced no metrics; is DATASETS.TEST set?")
+    batch = batch_policy.plan_batch(cfg, job.world_size, job.scaling).as_dict()
     record = {
         **flat,
         "config_hash": config_hash(cfg),
         "seed": int(cfg.SEED),
         "weights": job.weights,
-        "world_size": job.world_size,
         "norm": cfg.MODEL.RESNETS.NORM,
-        "ims_per_batch": int(effective_cfg.SOLVER.IMS_PER_BATCH),
-        "base_lr": float(effective_cfg.SOLVER.BASE_LR),
-        "max_iter": int(effective_cfg.SOLVER.MAX_ITER),
+        **{k: batch[k] for k in protocol.SETUP_KEYS},
+        "ims_per_batch": batch["effective_batch"],
+        "base_lr": batch["base_lr"],
         "wall_time_s": round(wall_time_s, 1),
         "versions": library_versions(),
     }
@@ -167,25 +219,50 @@ def write_metrics(cfg, job, effective_cfg, results, wall_time_s):
 
 
 def run_finetune(job):
-    """Pre-flight, then detectron2's ``launch``; returns the metrics record."""
+    """Pre-flight, then detectron2's ``launch``; returns the metrics record (None on machine rank > 0,
+    whose processes train but leave evaluation results to machine rank 0)."""
     from detectron2.engine import launch
 
-    job, cfg = preflight(job)
+    job, cfg, batch = preflight(job)
+    check_resume(cfg.OUTPUT_DIR, batch)
     Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
+    if job.machine_rank == 0 and not (Path(cfg.OUTPUT_DIR) / SCHEDULE).is_file():
+        atomic.write_json(Path(cfg.OUTPUT_DIR) / SCHEDULE, schedule_record(batch))
     try:
         launch(_worker, job.num_gpus, num_machines=job.num_machines, machine_rank=job.machine_rank,
                dist_url=job.dist_url, args=(job,))
-    except FloatingPointError as exc:
-        raise TrainingDiverged(f"{exc}; lower SOLVER.BASE_LR or check the weights") from None
+    except Exception as exc:
+        reason = diverged_reason(exc)
+        if reason is None:
+            raise
+        raise TrainingDiverged(f"{reason}; lower SOLVER.BASE_LR or check the weights") from None
+    if job.machine_rank > 0:
+        return None
     metrics_path = Path(cfg.OUTPUT_DIR) / "metrics.json"
     return json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
 
 
+def dry_run_plan(job, cuda):
+    """What ``finetune --dry-run`` prints: the effective setup, nothing run."""
+    cfg, batch = plan(job, cuda)
+    return {"config": job.config_file, "weights": job.weights, "world_size": job.world_size,
+            "num_machines": job.num_machines, **batch.as_dict(), "device": cfg.MODEL.DEVICE}
+
+
 def finetune_command(args):
-    job = FinetuneJob(config_file=args.config, weights=args.weights, overrides=args.overrides,
-                      data_root=args.data_root, datasets=args.datasets, num_gpus=torch.cuda.device_count() if args.num_gpus is None else args.num_gpus,
-                      num_machines=args.num_machines, machine_rank=args.machine_rank, dist_url=args.dist_url)
+    gpus = args.num_gpus
+    if gpus is None:
+        gpus = torch.cuda.device_count() if args.assume_gpus is None else args.assume_gpus
+    job = finetune_job_from_args(args, gpus)
+    if args.dry_run:
+        cuda = torch.cuda.is_available() if args.assume_gpus is None else args.assume_gpus > 0
+        print(json.dumps(dry_run_plan(job, cuda), indent=2))
+        return 0
     record = run_finetune(job)
-    keys = [k for k in record if k.split("/")[-1] in ("AP", "AP50", "AP75")]
-    print(" ".join(f"{k}={record[k]:.2f}" for k in keys if record[k] is not None))
+    if record is None:
+        print(f"machine rank {job.machine_rank}: training finished; machine rank 0 evaluates and writes "
+              "metrics.json, this machine writes none")
+        return 0
+    keys = [k for k in protocol.REPORTED_METRICS if record.get(k) is not None]
+    print(" ".join(f"{k}={record[k]:.2f}" for k in keys))
     return 0

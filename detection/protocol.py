@@ -1,4 +1,5 @@
-"""The benchmark protocol as pure functions: LR grid, trial plan, seeds, LR selection, aggregation."""
+"""The benchmark protocol as pure functions: LR grid, trial plan, seeds, metric names, LR selection,
+aggregation (non-finite values count as failed trials)."""
 
 import math
 import statistics
@@ -19,6 +20,14 @@ BENCHMARKS = {
 }
 DEFAULT_METRIC = "bbox/AP"  # AP for VOC, box AP for COCO
 SEED_BASE = 1000
+# Metric names: the one home for them (report, bench and finetune import these).
+TASKS = ("bbox", "segm")
+CELL_METRICS = ("AP50", "AP", "AP75")  # Table 5's three columns per task
+COCO_SIZE_METRICS = ("APs", "APm", "APl")  # COCOEvaluator only; the VOC evaluator has none
+REPORTED_METRICS = tuple(f"{task}/{m}" for task in TASKS for m in CELL_METRICS)
+# best-then-repeat: the mean at the selected LR includes trial 0, which chose the LR;
+# best-then-repeat-independent: n more trials at the selected LR, trial 0 left out of the mean.
+SEARCHES = ("best-then-repeat", "best-then-repeat-independent", "full")
 
 
 def parse_lrs(text):
@@ -27,15 +36,42 @@ def parse_lrs(text):
     for part in str(text).split(","):
         part = part.strip()
         try:
-            lr = float(part)
+            values.append(float(part))
         except ValueError:
             raise UserError(f"--lrs {text}: {part!r} is not a number; give e.g. --lrs 0.02,0.05,0.1") from None
+    return check_lrs(values, text)
+
+
+def check_lrs(values, text):
+    """The LR grid's rules, for a parsed list (CLI) or one given as numbers (pipeline)."""
+    if not values:
+        raise UserError(f"--lrs {text}: give at least one learning rate")
+    for lr in values:
         if not math.isfinite(lr) or lr <= 0:
-            raise UserError(f"--lrs {text}: learning rates must be positive and finite, got {part}")
-        values.append(lr)
+            raise UserError(f"--lrs {text}: learning rates must be positive and finite, got {lr:g}")
     if len(set(values)) != len(values):
         raise UserError(f"--lrs {text}: a learning rate is repeated; list each once")
-    return values
+    return list(values)
+
+
+def allowed_metrics(evaluator_types, mask_on):
+    """Metric names a benchmark's evaluation reports: bbox/* always, segm/* with masks,
+    the COCO size breakdown only when every test set is evaluated by COCOEvaluator."""
+    names = list(CELL_METRICS)
+    if evaluator_types and all(t == "coco" for t in evaluator_types):
+        names += COCO_SIZE_METRICS
+    tasks = TASKS if mask_on else ("bbox",)
+    return [f"{task}/{m}" for task in tasks for m in names]
+
+
+def check_metric(metric, allowed, benchmark):
+    if metric not in allowed:
+        raise UserError(f"--metric {metric}: {benchmark} reports {', '.join(allowed)}")
+    return metric
+
+
+def is_finite(value):
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def trial_seed(trial):
@@ -53,33 +89,47 @@ def trial_id(lr, trial):
 
 def search_plan(lrs, trials, mode):
     """Phase 1 as (lr, trial) pairs; phase 2 is ``repeat_plan`` once an LR is chosen."""
-    if trials < 1:
-        raise UserError(f"--trials must be >= 1, got {trials}")
     if mode == "full":
         return [(lr, t) for lr in lrs for t in range(trials)]
     return [(lr, 0) for lr in lrs]
 
 
 def repeat_plan(lr, trials, mode):
-    return [] if mode == "full" else [(lr, t) for t in range(1, trials)]
+    if mode == "full":
+        return []
+    last = trials + 1 if mode == "best-then-repeat-independent" else trials
+    return [(lr, t) for t in range(1, last)]
+
+
+def reported_trial(record, mode):
+    """Whether a trial at the selected LR enters the reported mean (independent: not trial 0)."""
+    return not (mode == "best-then-repeat-independent" and record["trial"] == 0)
+
+
+def counts_as_done(record, metric):
+    """Done with a finite selection metric; a NaN/inf (or missing) metric counts as failed."""
+    return record["status"] == "done" and is_finite((record.get("metrics") or {}).get(metric))
 
 
 def mean_std(values):
-    """Mean and sample standard deviation (n - 1); std is None for a single value."""
-    values = [v for v in values if v is not None]
+    """Mean and sample standard deviation (n - 1) of the finite values; std is None for one value."""
+    values = [v for v in values if is_finite(v)]
     if not values:
         return {"mean": None, "std": None, "n": 0}
     std = statistics.stdev(values) if len(values) > 1 else None
     return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
 
 
-def per_lr_stats(records, metric_keys):
-    """{lr: {metric: mean_std}} over the done trials of each LR."""
+def per_lr_stats(records, metric_keys, metric):
+    """{lr: {metric: mean_std}} over the trials of each LR that count as done (see ``counts_as_done``)."""
     out = {}
     for lr in sorted({r["lr"] for r in records}):
-        done = [r for r in records if r["lr"] == lr and r["status"] == "done"]
+        at_lr = [r for r in records if r["lr"] == lr]
+        done = [r for r in at_lr if counts_as_done(r, metric)]
+        failed = sum(r["status"] == "failed" or (r["status"] == "done" and not counts_as_done(r, metric))
+                     for r in at_lr)
         out[lr] = {k: mean_std([r["metrics"].get(k) for r in done]) for k in metric_keys}
-        out[lr]["trials"] = {"done": len(done), "failed": sum(1 for r in records if r["lr"] == lr and r["status"] == "failed")}
+        out[lr]["trials"] = {"done": len(done), "failed": failed}
     return out
 
 
@@ -88,9 +138,8 @@ def selection_values(records, metric, lrs, mode="full"):
     trial-0 value (best-then-repeat, so later trials at the chosen LR cannot change the choice)."""
     out = {}
     for lr in lrs:
-        values = [r["metrics"].get(metric) for r in records if r["lr"] == lr and r["status"] == "done"
+        values = [r["metrics"][metric] for r in records if r["lr"] == lr and counts_as_done(r, metric)
                   and (mode == "full" or r["trial"] == 0)]
-        values = [v for v in values if v is not None]
         out[lr] = statistics.fmean(values) if values else None
     return out
 
@@ -101,31 +150,45 @@ def select_lr(records, metric, lrs, mode="full"):
     return max(scored, key=scored.get) if scored else None
 
 
-REPORTED_METRICS = ("bbox/AP50", "bbox/AP", "bbox/AP75", "segm/AP50", "segm/AP", "segm/AP75")
+RULES = {
+    "full": "highest mean {m} over all trials of each LR",
+    "best-then-repeat": "highest {m} of trial 0 at each LR, then the remaining trials at that LR only; "
+                        "the mean includes trial 0, which selected the LR",
+    "best-then-repeat-independent": "highest {m} of trial 0 at each LR, then n more trials at that LR; "
+                                    "the mean leaves trial 0 out, so it is independent of the selection",
+}
+# Effective setup values each record and summary carry (see detection.batch_policy).
+SETUP_KEYS = ("scaling", "world_size", "ims_per_gpu", "effective_batch", "bn_mode", "bn_group", "lr_scale",
+              "max_iter", "flags")
 
 
 def build_summary(settings, records):
     """summary.json from the bench settings and the run store's latest records (pure)."""
+    metric, search = settings["metric"], settings["search"]
     records = [r for r in records if r["lr"] in settings["lrs"]]
     present = [k for k in REPORTED_METRICS if any(k in (r.get("metrics") or {}) for r in records)]
-    by_lr = per_lr_stats(records, present)
-    judged_by = selection_values(records, settings["metric"], settings["lrs"], settings["search"])
-    selected = select_lr(records, settings["metric"], settings["lrs"], settings["search"])
-    at_selected = [r for r in records if r["lr"] == selected and r["status"] == "done"]
-    rule = ("highest mean {m} over all trials of each LR" if settings["search"] == "full"
-            else "highest {m} of trial 0 at each LR, then the remaining trials at that LR only")
+    by_lr = per_lr_stats(records, present, metric)
+    judged_by = selection_values(records, metric, settings["lrs"], search)
+    selected = select_lr(records, metric, settings["lrs"], search)
+    at_selected = [r for r in records if r["lr"] == selected and counts_as_done(r, metric)
+                   and reported_trial(r, search)]
+    non_finite = [r["id"] for r in records if r["status"] == "done" and not counts_as_done(r, metric)]
     return {
         "name": settings["name"],
         "benchmark": settings["benchmark"],
         "config": settings["config"],
         "weights": settings["weights"],
+        "column": settings.get("column"),
+        "setup": {k: settings.get(k) for k in SETUP_KEYS},
         "selected_lr": selected,
-        "selection": {"search": settings["search"], "metric": settings["metric"],
-                      "rule": rule.format(m=settings["metric"])},
+        "selected_effective_lr": None if selected is None else selected * (settings.get("lr_scale") or 1.0),
+        "selection": {"search": search, "metric": metric, "rule": RULES[search].format(m=metric)},
         "metrics": {k: mean_std([r["metrics"].get(k) for r in at_selected]) for k in present},
+        "reported_trials": sorted(r["trial"] for r in at_selected),
         "lr_search": [{"lr": lr, "selected": lr == selected, "selection_value": judged_by.get(lr), **stats}
                       for lr, stats in by_lr.items()],
-        "trials": {"done": sum(r["status"] == "done" for r in records),
-                   "failed": sum(r["status"] == "failed" for r in records),
-                   "unfinished": sum(r["status"] in ("queued", "running") for r in records)},
+        "trials": {"done": sum(counts_as_done(r, metric) for r in records),
+                   "failed": sum(r["status"] == "failed" for r in records) + len(non_finite),
+                   "unfinished": sum(r["status"] in ("queued", "running") for r in records),
+                   "non_finite": non_finite},
     }

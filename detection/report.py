@@ -1,22 +1,49 @@
 """``simsiam-transfer report``: the paper's Table 5 layout from one or more bench folders.
 
 Rows are pretrained models (their ``--name``), column groups are benchmarks (COCO benchmarks
-give a detection and an instance-segmentation group), cells ``AP50 / AP / AP75`` as
-mean +/- sample std over the done trials at the selected LR, with the trial count. A per-benchmark
-LR-search table follows. Numbers are recomputed from each folder's run store.
+give a detection and an instance-segmentation group), each named by what it measured (test set,
+AP definition, architecture and schedule); cells ``AP50 / AP / AP75`` as mean +/- sample std
+over the counted trials at the selected LR, with the trial count, and a setup column per
+benchmark (world size x images per GPU, BN group, selected LR, and a flag when the setup is not
+the protocol's). A per-benchmark LR-search table follows; ``--per-trial`` adds every trial,
+``--reference paper`` the SimSiam paper's Table 5 rows and our differences to them. Numbers are
+recomputed from each folder's run store. Formats: md, csv, latex.
 """
 
+import csv
+import io
 import json
 from pathlib import Path
 
-from detection.protocol import build_summary
+from detection.protocol import (CELL_METRICS, DEFAULT_METRIC, REPORTED_METRICS, RULES, TASKS, build_summary,
+                                counts_as_done)
 from detection.runstore import RunStore
 from simsiam_transfer import atomic
 from simsiam_transfer.errors import UserError
 
 TITLES = {"voc07": "VOC 07", "voc0712": "VOC 07+12", "coco_1x": "COCO 1x", "coco_2x": "COCO 2x"}
-TASKS = {"bbox": "det.", "segm": "seg."}
-CELL_METRICS = ("AP50", "AP", "AP75")
+TASK_TITLES = dict(zip(TASKS, ("det.", "seg.")))
+# The SimSiam paper's Table 5 (Chen & He, CVPR 2021): AP50 / AP / AP75 per column; VOC is the
+# mean over 5 trials; COCO is Mask R-CNN R50-C4 1x. Keys: our benchmark name (without _mini), task.
+PAPER_TABLE5 = {
+    "scratch": {"voc07": (35.9, 16.8, 13.0), "voc0712": (60.2, 33.8, 33.1),
+                "coco_1x/bbox": (44.0, 26.4, 27.8), "coco_1x/segm": (46.9, 29.3, 30.8)},
+    "ImageNet supervised": {"voc07": (74.4, 42.4, 42.7), "voc0712": (81.3, 53.5, 58.8),
+                            "coco_1x/bbox": (58.2, 38.2, 41.2), "coco_1x/segm": (54.7, 33.3, 35.2)},
+    "SimCLR (repro.+)": {"voc07": (75.9, 46.8, 50.1), "voc0712": (81.8, 55.5, 61.4),
+                         "coco_1x/bbox": (57.7, 37.9, 40.9), "coco_1x/segm": (54.6, 33.3, 35.3)},
+    "MoCo v2 (repro.+)": {"voc07": (77.1, 48.5, 52.5), "voc0712": (82.3, 57.0, 63.3),
+                          "coco_1x/bbox": (58.8, 39.2, 42.5), "coco_1x/segm": (55.5, 34.3, 36.6)},
+    "BYOL (repro.)": {"voc07": (77.1, 47.0, 49.9), "voc0712": (81.4, 55.3, 61.1),
+                      "coco_1x/bbox": (57.8, 37.9, 40.9), "coco_1x/segm": (54.3, 33.2, 35.0)},
+    "SwAV (repro.+)": {"voc07": (75.5, 46.5, 49.6), "voc0712": (81.5, 55.4, 61.4),
+                       "coco_1x/bbox": (57.6, 37.6, 40.3), "coco_1x/segm": (54.2, 33.1, 35.1)},
+    "SimSiam, base": {"voc07": (75.5, 47.0, 50.2), "voc0712": (82.0, 56.4, 62.8),
+                      "coco_1x/bbox": (57.5, 37.9, 40.9), "coco_1x/segm": (54.2, 33.2, 35.2)},
+    "SimSiam, optimal": {"voc07": (77.3, 48.5, 52.5), "voc0712": (82.4, 57.0, 63.7),
+                         "coco_1x/bbox": (59.3, 39.2, 42.1), "coco_1x/segm": (56.0, 34.4, 36.7)},
+}
+COMPARED_TO = ("SimSiam, base", "SimSiam, optimal")
 
 
 def load_bench(directory):
@@ -26,28 +53,40 @@ def load_bench(directory):
         raise UserError(f"{directory}: no bench.json; not a folder written by `simsiam-transfer bench`")
     try:
         settings = json.loads(settings_path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{settings_path}: malformed JSON ({exc})") from None
     records = list(RunStore(directory).records().values())
     return {"dir": str(directory), "settings": settings, "records": records,
             "summary": build_summary(settings, records)}
 
 
+def _base(benchmark):
+    return benchmark[:-5] if benchmark.endswith("_mini") else benchmark
+
+
 def benchmark_title(benchmark):
-    base = benchmark[:-5] if benchmark.endswith("_mini") else benchmark
-    title = TITLES.get(base, benchmark)
+    title = TITLES.get(_base(benchmark), benchmark)
     return f"{title} (mini)" if benchmark.endswith("_mini") else title
 
 
 def _columns(benches):
-    """Ordered (benchmark, task) column groups present in any summary."""
+    """Ordered (benchmark, column label, task) groups present in any summary."""
     cols = []
     for b in benches:
         s = b["summary"]
-        for task in TASKS:
-            if any(k.startswith(task + "/") for k in s["metrics"]) and (s["benchmark"], task) not in cols:
-                cols.append((s["benchmark"], task))
+        for task in TASK_TITLES:
+            key = (s["benchmark"], s.get("column"), task)
+            if any(k.startswith(task + "/") for k in s["metrics"]) and key not in cols:
+                cols.append(key)
     return cols
+
+
+def _groups(cols):
+    return list(dict.fromkeys((bm, label) for bm, label, _ in cols))
+
+
+def _header(bm, label, task):
+    return f"{benchmark_title(bm)} {TASK_TITLES[task]} ({label or 'setup not recorded'}) AP50 / AP / AP75"
 
 
 def _fmt(stat, latex=False):
@@ -65,32 +104,133 @@ def _cell(summary, task, latex=False):
     return " / ".join(_fmt(s, latex) for s in stats) + f" (n={n})"
 
 
-def render(benches, fmt="md"):
-    if fmt == "csv":
-        return _csv(benches)
+def setup_text(summary):
+    """``8×2, BN 16, LR 0.02`` (+ the effective LR and flags when the setup is not the protocol's)."""
+    st = summary.get("setup") or {}
+    if st.get("world_size") is None:
+        return "setup not recorded"
+    group = "frozen" if st.get("bn_group") is None else st["bn_group"]
+    text = f"{st['world_size']}×{st['ims_per_gpu']}, BN {group}"
+    lr = summary["selected_lr"]
+    if lr is not None:
+        text += f", LR {lr:g}"
+        if (st.get("lr_scale") or 1.0) != 1.0:
+            text += f" (×{st['lr_scale']:g} = {summary['selected_effective_lr']:g})"
+    if st.get("flags"):
+        text += " ⚠ " + "; ".join(st["flags"])
+    return text
+
+
+def _paper_key(benchmark, task):
+    base = _base(benchmark)
+    return f"{base}/{task}" if base.startswith("coco") else base
+
+
+def _paper(row, benchmark, task):
+    return PAPER_TABLE5[row].get(_paper_key(benchmark, task))
+
+
+def _diff(summary, task, row):
+    ref = _paper(row, summary["benchmark"], task)
+    ours = [summary["metrics"].get(f"{task}/{m}") for m in CELL_METRICS]
+    if ref is None or any(o is None or o["mean"] is None for o in ours):
+        return None
+    return [o["mean"] - r for o, r in zip(ours, ref)]
+
+
+def _notes(benches, reference):
+    searches = {b["summary"]["selection"]["search"]: b["summary"]["selection"]["metric"] for b in benches}
+    notes = ["Cells: mean ± sample std over the counted trials at the selected fine-tuning LR; n = trials. "
+             "Setup: world size × images per GPU, the BN group (images one BN normalises over) and the "
+             "selected LR; ⚠ marks a batch, BN group or schedule that differs from the config's protocol."]
+    notes += [f"Search {s}: {RULES[s].format(m=m)}." for s, m in searches.items()]
+    non_finite = sum(len(b["summary"]["trials"]["non_finite"]) for b in benches)
+    if non_finite:
+        notes.append(f"{non_finite} trial(s) with a NaN/inf selection metric are counted as failed.")
+    if reference:
+        notes.append("Paper: SimSiam (Chen & He, 2021) Table 5, 200-epoch ImageNet pre-training, VOC the "
+                     "mean of 5 trials, COCO Mask R-CNN R50-C4 1x. Mini benchmarks (generated data) are "
+                     "not comparable with it.")
+    return notes
+
+
+def _table(benches, reference, latex=False):
+    """(headers, our rows, paper rows, difference rows) of the main table."""
     cols = _columns(benches)
+    groups = _groups(cols)
     names = list(dict.fromkeys(b["summary"]["name"] for b in benches))
-    by = {(b["summary"]["name"], b["summary"]["benchmark"]): b["summary"] for b in benches}
-    headers = ["pre-train"] + [f"{benchmark_title(bm)} {TASKS[t]} AP50 / AP / AP75" for bm, t in cols]
-    body = [[name] + [_cell(by[(name, bm)], t, fmt == "latex") if (name, bm) in by else "–" for bm, t in cols]
-            for name in names]
+    by = {(b["summary"]["name"], b["summary"]["benchmark"], b["summary"].get("column")): b["summary"]
+          for b in benches}
+    headers = ["pre-train"] + [_header(bm, label, t) for bm, label, t in cols] + \
+        [f"{benchmark_title(bm)} setup" for bm, _ in groups]
+    body = []
+    for name in names:
+        cells = [_cell(by[(name, bm, label)], t, latex) if (name, bm, label) in by else "–" for bm, label, t in cols]
+        setups = [setup_text(by[(name, bm, label)]) if (name, bm, label) in by else "–" for bm, label in groups]
+        body.append([name] + cells + setups)
+    paper, diffs = [], []
+    if reference:
+        for row in PAPER_TABLE5:
+            cells = []
+            for bm, _, t in cols:
+                ref = _paper(row, bm, t)
+                cells.append("–" if ref is None else " / ".join(f"{v:.1f}" for v in ref))
+            paper.append([f"paper: {row}"] + cells + ["8×2, BN 16 (MoCo's code)"] * len(groups))
+        for name in names:
+            for row in COMPARED_TO:
+                cells = []
+                for bm, label, t in cols:
+                    d = _diff(by[(name, bm, label)], t, row) if (name, bm, label) in by else None
+                    cells.append("–" if d is None else " / ".join(f"{v:+.1f}" for v in d))
+                diffs.append([f"{name} − {row}"] + cells + [""] * len(groups))
+    return headers, body, paper, diffs
+
+
+def _trial_rows(benches):
+    header = ["name", "benchmark", "trial id", "LR", "trial", "seed", "status", "setup"] + list(REPORTED_METRICS)
+    rows = []
+    for b in benches:
+        s = b["summary"]
+        for r in sorted(b["records"], key=lambda r: (r["lr"], r["trial"])):
+            setup = f"{r['world_size']}×{r['ims_per_gpu']}" if r.get("world_size") and r.get("ims_per_gpu") else "–"
+            values = [(r.get("metrics") or {}).get(k) for k in REPORTED_METRICS]
+            status = r["status"]
+            if status == "done" and not counts_as_done(r, s["selection"]["metric"]):
+                status = "failed (non-finite)"
+            rows.append([s["name"], s["benchmark"], r["id"], f"{r['lr']:g}", str(r["trial"]), str(r["seed"]),
+                         status, setup] + ["–" if v is None else f"{v:.1f}" for v in values])
+    keep = [i for i, h in enumerate(header) if "/" not in h or any(row[i] != "–" for row in rows)]
+    return [header[i] for i in keep], [[row[i] for i in keep] for row in rows]
+
+
+def render(benches, fmt="md", per_trial=False, reference=None):
+    if fmt == "csv":
+        return _csv(benches, per_trial, reference)
+    headers, body, paper, diffs = _table(benches, reference, fmt == "latex")
     if fmt == "latex":
-        return _latex(headers, body, benches)
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
-    lines.append("")
-    lines.append("Cells: mean ± sample std over the done trials at the selected fine-tuning LR; n = trials.")
+        return _latex(headers, body, paper, diffs, benches, per_trial, reference)
+    lines = _md_table(headers, body + paper)
+    if diffs:
+        lines += ["", "Difference to the paper (ours − paper, AP50 / AP / AP75):", "",
+                  *_md_table(headers[:1 + len(_columns(benches))], [d[:1 + len(_columns(benches))] for d in diffs])]
+    lines += ["", *_notes(benches, reference)]
     for b in benches:
         lines += ["", *_lr_table_md(b["summary"])]
+    if per_trial:
+        header, rows = _trial_rows(benches)
+        lines += ["", "Trials:", "", *_md_table(header, rows)]
     return "\n".join(lines) + "\n"
+
+
+def _md_table(header, rows):
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *["| " + " | ".join(r) + " |" for r in rows]]
 
 
 def _lr_rows(summary):
     """Header and rows of an LR-search table; the first value column is what the LR was judged by."""
-    metrics = [k for k in ("bbox/AP50", "bbox/AP", "bbox/AP75", "segm/AP50", "segm/AP", "segm/AP75")
-               if k in summary["metrics"]]
+    metrics = [k for k in REPORTED_METRICS if k in summary["metrics"]]
     sel = summary["selection"]
-    judged = f"{sel['metric']} ({'trial 0' if sel['search'] == 'best-then-repeat' else 'mean'})"
+    judged = f"{sel['metric']} ({'mean' if sel['search'] == 'full' else 'trial 0'})"
     header = ["LR", judged] + metrics + ["done", "failed"]
     rows = [[f"{e['lr']:g}" + (" *" if e["selected"] else ""),
              "–" if e.get("selection_value") is None else f"{e['selection_value']:.1f}"]
@@ -99,50 +239,98 @@ def _lr_rows(summary):
     return header, rows
 
 
+def _lr_title(summary):
+    sel = summary["selection"]
+    return (f"LR search: {summary['name']} on {benchmark_title(summary['benchmark'])} "
+            f"(* selected by {sel['metric']}: {sel['rule']})")
+
+
 def _lr_table_md(summary):
     header, rows = _lr_rows(summary)
-    sel = summary["selection"]
-    title = (f"LR search: {summary['name']} on {benchmark_title(summary['benchmark'])} "
-             f"(* selected by {sel['metric']}: {sel['rule']})")
-    return [title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *["| " + " | ".join(r) + " |" for r in rows]]
+    return [_lr_title(summary), "", *_md_table(header, rows)]
 
 
-def _csv(benches):
-    import csv
-    import io
+CSV_FIELDS = ("table", "name", "benchmark", "column", "lr", "selected", "trial", "seed", "status", "metric",
+              "mean", "std", "n", "failed", "search", "scaling", "world_size", "ims_per_gpu", "effective_batch",
+              "bn_mode", "bn_group", "lr_scale", "flags")
 
+
+def _csv(benches, per_trial, reference):
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["name", "benchmark", "lr", "selected", "metric", "mean", "std", "n", "failed"])
+    writer = csv.DictWriter(buf, CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
     for b in benches:
         s = b["summary"]
+        setup = {k: v for k, v in (s.get("setup") or {}).items() if k in CSV_FIELDS}
+        setup["flags"] = "; ".join(setup.get("flags") or [])
+        common = {"name": s["name"], "benchmark": s["benchmark"], "column": s.get("column"),
+                  "search": s["selection"]["search"], **setup}
+        for key, st in s["metrics"].items():
+            writer.writerow({**common, "table": "main", "lr": s["selected_lr"], "selected": True, "metric": key,
+                             "mean": st["mean"], "std": st["std"], "n": st["n"], "failed": s["trials"]["failed"]})
         for entry in s["lr_search"]:
             for key in sorted(k for k in entry if "/" in k):
                 st = entry[key]
-                writer.writerow([s["name"], s["benchmark"], entry["lr"], entry["selected"], key,
-                                 st["mean"], st["std"], st["n"], entry["trials"]["failed"]])
+                writer.writerow({**common, "table": "lr_search", "lr": entry["lr"], "selected": entry["selected"],
+                                 "metric": key, "mean": st["mean"], "std": st["std"], "n": st["n"],
+                                 "failed": entry["trials"]["failed"]})
+        if per_trial:
+            for r in b["records"]:
+                for key, value in sorted((r.get("metrics") or {}).items()):
+                    if key in REPORTED_METRICS:
+                        writer.writerow({**common, "table": "trial", "lr": r["lr"], "trial": r["trial"],
+                                         "seed": r["seed"], "status": r["status"], "metric": key, "mean": value,
+                                         "n": 1, "world_size": r.get("world_size"),
+                                         "ims_per_gpu": r.get("ims_per_gpu")})
+        if reference:
+            for row in COMPARED_TO:
+                for task in TASKS:
+                    d = _diff(s, task, row)
+                    for m, v in zip(CELL_METRICS, d or []):
+                        writer.writerow({**common, "table": f"difference to {row}", "metric": f"{task}/{m}",
+                                         "mean": round(v, 3)})
+    if reference:
+        for row, values in PAPER_TABLE5.items():
+            for key, triple in values.items():
+                bm, _, task = key.partition("/")
+                for m, v in zip(CELL_METRICS, triple):
+                    writer.writerow({"table": "paper", "name": row, "benchmark": bm, "metric": f"{task or 'bbox'}/{m}",
+                                     "mean": v, "world_size": 8, "ims_per_gpu": 2, "bn_group": 16})
     return buf.getvalue()
 
 
-def _latex(headers, body, benches):
-    esc = lambda t: t.replace("_", r"\_").replace("±", r"$\pm$")  # noqa: E731
-    lines = [r"\begin{tabular}{l" + "c" * (len(headers) - 1) + "}", r"\toprule",
-             " & ".join(esc(h) for h in headers) + r" \\", r"\midrule"]
-    lines += [" & ".join(esc(c) for c in row) + r" \\" for row in body]
-    lines += [r"\bottomrule", r"\end{tabular}"]
+def _esc(text):
+    return (text.replace("_", r"\_").replace("±", r"$\pm$").replace("×", r"$\times$").replace("−", "$-$")
+            .replace("⚠", r"\textbf{!}").replace("≠", r"$\neq$").replace("%", r"\%").replace("&", r"\&"))
+
+
+def _latex_tabular(header, rows, split_after=None):
+    lines = [r"\begin{tabular}{l" + "c" * (len(header) - 1) + "}", r"\toprule",
+             " & ".join(_esc(h) for h in header) + r" \\", r"\midrule"]
+    for i, row in enumerate(rows):
+        if split_after is not None and i == split_after:
+            lines.append(r"\midrule")
+        lines.append(" & ".join(_esc(c) for c in row) + r" \\")
+    return lines + [r"\bottomrule", r"\end{tabular}"]
+
+
+def _latex(headers, body, paper, diffs, benches, per_trial, reference):
+    lines = _latex_tabular(headers, body + paper, split_after=len(body) if paper else None)
+    if diffs:
+        n = 1 + len(_columns(benches))
+        lines += ["", "% Difference to the paper (ours - paper, AP50 / AP / AP75)",
+                  *_latex_tabular(headers[:n], [d[:n] for d in diffs])]
+    lines += ["", r"\par\noindent\footnotesize " + " ".join(_esc(n) for n in _notes(benches, reference))]
     for b in benches:
         header, rows = _lr_rows(b["summary"])
-        sel = b["summary"]["selection"]
-        lines += ["", f"% LR search: {b['summary']['name']} on {benchmark_title(b['summary']['benchmark'])} "
-                      f"(* selected by {sel['metric']})",
-                  r"\begin{tabular}{l" + "c" * (len(header) - 1) + "}", r"\toprule",
-                  " & ".join(esc(h) for h in header) + r" \\", r"\midrule",
-                  *[" & ".join(esc(c) for c in row) + r" \\" for row in rows], r"\bottomrule", r"\end{tabular}"]
+        lines += ["", f"% {_lr_title(b['summary'])}", *_latex_tabular(header, rows)]
+    if per_trial:
+        header, rows = _trial_rows(benches)
+        lines += ["", "% Trials", *_latex_tabular(header, rows)]
     return "\n".join(lines) + "\n"
 
 
-def plot_ap_vs_lr(benches, path, metric="bbox/AP"):
+def plot_ap_vs_lr(benches, path, metric=DEFAULT_METRIC):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,8 +371,10 @@ def load_benches(dirs):
 
 
 def report_command(args):
+    if args.out and Path(args.out).is_dir():
+        raise UserError(f"--out {args.out}: is a folder; give a file name, e.g. {Path(args.out) / 'table5.md'}")
     benches = load_benches(args.dirs)
-    text = render(benches, args.format)
+    text = render(benches, args.format, per_trial=args.per_trial, reference=args.reference)
     if args.out:
         atomic.write_text(args.out, text)
         plot_path = Path(args.out).with_name(Path(args.out).stem + "_ap_vs_lr.png")

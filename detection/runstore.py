@@ -6,8 +6,10 @@ never interleave, and a line cut short by a crash is skipped on reading.
 
 Record fields: ``id``, ``lr``, ``trial``, ``seed``, ``status`` (queued / running / done / failed),
 ``attempt``, ``metrics`` (flat, from the trial's metrics.json), ``wall_time_s``, ``config_hash``,
-``weights``, ``weights_sha256``, ``world_size``, ``norm``, ``versions``, ``error``, ``output_dir``,
-``job_id``, ``time`` (unix seconds of the event).
+``weights``, ``weights_sha256``, ``norm``, ``versions``, ``error``, ``output_dir``, ``job_id``, ``time``
+(unix seconds of the event), and the effective setup ``protocol.SETUP_KEYS`` (``scaling``,
+``world_size``, ``ims_per_gpu``, ``effective_batch``, ``bn_mode``, ``bn_group``, ``lr_scale``,
+``max_iter``, ``flags``). Metric values that are NaN/inf count as a failed trial (``protocol``).
 """
 
 import json
@@ -21,7 +23,6 @@ STORE = "runs.jsonl"
 class RunStore:
     def __init__(self, directory):
         self.path = Path(directory) / STORE
-        self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def records(self):
         """Latest record per trial id, in first-seen order."""
@@ -37,6 +38,7 @@ class RunStore:
 
     def put(self, record):
         record = {**record, "time": round(time.time(), 3)}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
             f.flush()

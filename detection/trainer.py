@@ -5,7 +5,7 @@ import os
 from tqdm import tqdm
 
 from detectron2.data import MetadataCatalog
-from detectron2.engine import DefaultTrainer, HookBase
+from detectron2.engine import DefaultTrainer, HookBase, hooks
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
@@ -13,7 +13,7 @@ from detectron2.utils.events import CommonMetricPrinter, JSONWriter, Tensorboard
 from simsiam_transfer.versions import compiled_ops_available
 
 # detectron2's default JSONWriter uses OUTPUT_DIR/metrics.json, which this toolkit reserves
-# for the final evaluation numbers (CONTRACTS.md); training statistics go here instead.
+# for the final evaluation numbers (README: Fine-tuning, Outputs); training statistics go here instead.
 TRAIN_LOG = "train_log.jsonl"
 
 
@@ -33,7 +33,14 @@ class ProgressBar(HookBase):
 
 
 class Trainer(DefaultTrainer):
-    """COCO json sets get ``COCOEvaluator`` (fast C++ path only when compiled), VOC sets the VOC one."""
+    """COCO json sets get ``COCOEvaluator`` (fast C++ path only when compiled), VOC sets the VOC one.
+    The final evaluation's results are kept in ``eval_results`` (a public attribute of ours)."""
+
+    eval_results = None
+
+    def _evaluate(self):
+        self.eval_results = self.test(self.cfg, self.model)
+        return self.eval_results
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -51,4 +58,7 @@ class Trainer(DefaultTrainer):
         ]
 
     def build_hooks(self):
-        return super().build_hooks() + [ProgressBar()]
+        # DefaultTrainer's EvalHook is swapped, in place (before the writer), for one that keeps the results.
+        built = [hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self._evaluate) if isinstance(h, hooks.EvalHook) else h
+                 for h in super().build_hooks()]
+        return built + [ProgressBar()]

@@ -80,10 +80,9 @@ def _fig2(args):
 
 
 def _bench(args):
-    from detection.bench import Bench
+    from detection.bench import bench_command
 
-    summary = Bench(args).run()
-    return 0 if summary["selected_lr"] is not None else 1
+    return bench_command(args)
 
 
 def _report(args):
@@ -154,33 +153,57 @@ def build_parser():
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("finetune", help="one detectron2 C4 fine-tune + evaluation")
-    add_launch_arguments(p)
+    p.add_argument("--config", required=True, help="detectron2 YAML (a path, or relative to configs/)")
+    add_job_arguments(p)
+    p.add_argument("--num-gpus", type=int, default=None,
+                   help="processes per machine, one GPU each (default: all visible GPUs, 0 on CPU)")
+    p.add_argument("--num-machines", type=int, default=1)
+    p.add_argument("--machine-rank", type=int, default=0)
+    p.add_argument("--dist-url", default="auto", help="tcp://HOST:PORT of rank 0 for multi-machine runs")
+    add_plan_arguments(p)
+    p.add_argument("overrides", nargs="*", metavar="KEY VALUE", help="detectron2 config overrides")
     p.set_defaults(func=_finetune)
 
     p = sub.add_parser("bench", help="fine-tuning LR search x trials -> run store, summary.json, table")
     p.add_argument("--benchmark", required=True,
                    help="voc07, voc0712, coco_1x, coco_2x (or *_mini for CPU), or a detectron2 config file")
     p.add_argument("--output-dir", required=True, help="sweep folder; rerunning resumes it")
+    add_job_arguments(p)
     p.add_argument("--name", help="row label in reports (default: the weights file name, or 'scratch')")
     p.add_argument("--lrs", help="comma-separated SOLVER.BASE_LR values (default: the config's)")
     p.add_argument("--trials", type=int, default=5, help="trials at the selected LR (default 5, as the paper)")
-    p.add_argument("--search", default="best-then-repeat", choices=("full", "best-then-repeat"),
-                   help="full: every LR x every trial; best-then-repeat: trial 0 per LR, then the rest at the best")
-    p.add_argument("--metric", default="bbox/AP", help="LR selection metric (default bbox/AP)")
+    p.add_argument("--search", default="best-then-repeat",
+                   choices=("full", "best-then-repeat", "best-then-repeat-independent"),
+                   help="full: every LR x every trial; best-then-repeat: trial 0 per LR, then the rest at the "
+                        "best (the mean includes trial 0); best-then-repeat-independent: n more trials at the "
+                        "best, trial 0 left out of the mean")
+    p.add_argument("--metric", default="bbox/AP",
+                   help="LR selection metric (default bbox/AP; segm/* only for Mask R-CNN benchmarks)")
     p.add_argument("--max-retries", type=int, default=1, help="reruns of a failed trial (default 1)")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep finished trials' periodic checkpoints (default: only model_final.pth)")
+    p.add_argument("--gpus-per-trial", "--num-gpus", dest="gpus_per_trial", type=int, default=None,
+                   help="GPUs (processes) per trial (default: all visible GPUs, one trial at a time; 8 with "
+                        "--executor slurm; 0 on CPU). Fewer than visible runs trials in parallel")
     p.add_argument("--executor", default="local", choices=("local", "slurm", "submitit-local"))
     p.add_argument("--slurm-partition")
-    p.add_argument("--slurm-time", type=int, default=4320, help="minutes per trial job (default 4320)")
-    p.add_argument("--slurm-cpus-per-task", type=int)
-    add_launch_arguments(p, config=False)
+    p.add_argument("--slurm-time", type=int, default=240,
+                   help="minutes per trial job (default 240; a timed-out trial is requeued and resumes)")
+    p.add_argument("--slurm-cpus-per-gpu", type=int, default=6, help="CPUs per GPU of a trial job (default 6)")
+    p.add_argument("--slurm-mem-per-gpu", type=int, default=32, help="GB of memory per GPU of a trial job "
+                   "(default 32)")
+    add_plan_arguments(p)
+    p.add_argument("overrides", nargs="*", metavar="KEY VALUE", help="detectron2 config overrides for every trial")
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("report", help="Table-5 style report of bench folders")
     p.add_argument("dirs", nargs="+", metavar="DIR", help="bench --output-dir folders")
     p.add_argument("--format", default="md", choices=("md", "csv", "latex"))
     p.add_argument("--out", help="write here (plus <stem>_ap_vs_lr.png) instead of stdout")
+    p.add_argument("--per-trial", action="store_true", help="also list every trial's metrics and seed")
+    p.add_argument("--reference", choices=("paper",),
+                   help="paper: add the SimSiam paper's Table 5 rows and each row's difference to "
+                        "'SimSiam, base' and 'SimSiam, optimal'")
     p.set_defaults(func=_report)
 
     p = sub.add_parser("pipeline", help="pretrain -> convert -> bench -> report, resumable")
@@ -190,22 +213,23 @@ def build_parser():
     return parser
 
 
-def add_launch_arguments(p, config=True):
-    """Arguments shared by ``finetune`` and ``bench``: config, weights, datasets, launch flags."""
-    if config:
-        p.add_argument("--config", required=True, help="detectron2 YAML (a path, or relative to configs/)")
+def add_job_arguments(p):
+    """Arguments shared by ``finetune`` and ``bench``: weights and datasets."""
     p.add_argument("--weights", required=True,
                    help="converted detectron2 .pkl (simsiam-transfer convert), or 'none' for random init")
-    p.add_argument("--datasets", help="dataset catalog YAML (see CONTRACTS.md)")
+    p.add_argument("--datasets", help="dataset catalog YAML (format: README, Fine-tuning)")
     p.add_argument("--data-root", help="root of the standard VOC/COCO folders (default $DETECTRON2_DATASETS)")
-    p.add_argument("--num-gpus", type=int, default=None,
-                   help="processes per machine, one GPU each (default: all visible GPUs, 0 on CPU)" if config else
-                   "GPUs per trial (default: 1 when GPUs are visible, trials then run one per GPU at once; "
-                   "8 with --executor slurm; 0 on CPU)")
-    p.add_argument("--num-machines", type=int, default=1)
-    p.add_argument("--machine-rank", type=int, default=0)
-    p.add_argument("--dist-url", default="auto", help="tcp://HOST:PORT of rank 0 for multi-machine runs")
-    p.add_argument("overrides", nargs="*", metavar="KEY VALUE", help="detectron2 config overrides")
+
+
+def add_plan_arguments(p):
+    """The batch policy and planning flags of ``finetune`` and ``bench`` (README: Batch policy)."""
+    p.add_argument("--scaling", default="faithful", choices=("faithful", "linear"),
+                   help="faithful (default): the config's global batch, LR and schedule on any GPU count, BN "
+                        "synced over the trial's GPUs; linear: detectron2's REFERENCE_WORLD_SIZE rescaling "
+                        "(changes the batch and BN group)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan as JSON and run nothing")
+    p.add_argument("--assume-gpus", type=int, default=None, metavar="N",
+                   help="plan for N visible GPUs (with --dry-run, on a machine without them)")
 
 
 def main(argv=None):

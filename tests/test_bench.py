@@ -37,9 +37,8 @@ def test_plans_full_versus_best_then_repeat():
     rest = protocol.repeat_plan(0.02, 5, "best-then-repeat")
     assert first == [(0.01, 0), (0.02, 0), (0.05, 0)] and rest == [(0.02, t) for t in range(1, 5)]
     assert len(first) + len(rest) == 3 + 5 - 1
-    assert protocol.trial_seed(3) == protocol.trial_seed(3) != protocol.trial_seed(4)
-    with pytest.raises(UserError, match="--trials"):
-        protocol.search_plan(lrs, 0, "full")
+    # Seeds depend on the trial index only: trial t has the same seed at every LR, trials differ.
+    assert len({protocol.trial_seed(t) for t in range(5)}) == 5 and protocol.trial_seed(0) == protocol.SEED_BASE
 
 
 def _rec(lr, trial, ap, status="done"):
@@ -96,7 +95,7 @@ def _check_summary_matches_store(out):
     for e in _events(out):
         latest[e["id"]] = e
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["trials"] == {"done": 4, "failed": 0, "unfinished": 0}
+    assert summary["trials"] == {"done": 4, "failed": 0, "unfinished": 0, "non_finite": []}
     lr = summary["selected_lr"]
     for key in ("bbox/AP50", "bbox/AP", "bbox/AP75"):
         values = [r["metrics"][key] for r in latest.values() if r["lr"] == lr]
@@ -108,9 +107,11 @@ def _check_summary_matches_store(out):
     for r in latest.values():
         assert r["seed"] == protocol.trial_seed(r["trial"]) and r["config_hash"] and r["versions"]["torch"]
         assert r["weights_sha256"] and r["world_size"] == 1 and r["norm"] == "BN" and r["wall_time_s"] > 0
+        assert (r["ims_per_gpu"], r["effective_batch"], r["bn_group"], r["max_iter"], r["flags"]) == (4, 4, 4, 4, [])
         assert (out / "trials" / r["id"] / "metrics.json").is_file()
         assert not list((out / "trials" / r["id"]).glob("model_0*.pth"))
     assert (out / "ap_vs_lr.png").read_bytes()[:4] == b"\x89PNG"
+    assert summary["setup"]["world_size"] == 1 and summary["setup"]["scaling"] == "faithful"
     return summary
 
 
@@ -149,13 +150,14 @@ def test_reports_in_markdown_csv_and_latex(local_sweep, tmp_path):
     md = run_cli("report", out)
     assert md.returncode == 0
     assert "| R18 | " in md.stdout and f"{ap['mean']:.1f} ± {ap['std']:.1f}" in md.stdout and "(n=2)" in md.stdout
-    assert "VOC 07 (mini) det. AP50 / AP / AP75" in md.stdout and "LR search: R18" in md.stdout
+    assert ("VOC 07 (mini) det. (synthetic_voc_test, 11-point AP, Faster R-CNN R18-C4 4 it) AP50 / AP / AP75"
+            in md.stdout and "LR search: R18" in md.stdout and f"1×4, BN 4, LR {summary['selected_lr']:g}" in md.stdout)
     selected = next(e for e in summary["lr_search"] if e["selected"])
     assert selected["selection_value"] == pytest.approx(ap["mean"])  # full search: judged by the mean
     assert f"| {selected['lr']:g} * | {ap['mean']:.1f} |" in md.stdout and "bbox/AP (mean)" in md.stdout
     assert run_cli("report", out, "--format", "csv", "--out", tmp_path / "t.csv").returncode == 0
     rows = list(csv.DictReader(io.StringIO((tmp_path / "t.csv").read_text())))
-    sel = [r for r in rows if r["selected"] == "True" and r["metric"] == "bbox/AP"]
+    sel = [r for r in rows if r["table"] == "lr_search" and r["selected"] == "True" and r["metric"] == "bbox/AP"]
     assert len(sel) == 1 and float(sel[0]["mean"]) == pytest.approx(ap["mean"]) and sel[0]["n"] == "2"
     assert (tmp_path / "t_ap_vs_lr.png").is_file()
     twice = run_cli("report", out, out)
@@ -163,6 +165,11 @@ def test_reports_in_markdown_csv_and_latex(local_sweep, tmp_path):
     latex = run_cli("report", out, "--format", "latex")
     assert r"\begin{tabular}" in latex.stdout and rf"{ap['mean']:.1f} $\pm$ {ap['std']:.1f}" in latex.stdout
     assert "% LR search: R18 on VOC 07 (mini)" in latex.stdout and latex.stdout.count(r"\begin{tabular}") == 2
+    full = run_cli("report", out, "--per-trial", "--reference", "paper")
+    assert full.returncode == 0 and "| paper: SimSiam, optimal | 77.3 / 48.5 / 52.5 |" in full.stdout
+    assert "| R18 − SimSiam, base |" in full.stdout and "| R18 | voc07_mini | lr0.02_t1 | 0.02 | 1 | 1001 | done | 1×4 |" in full.stdout
+    folder = run_cli("report", out, "--out", tmp_path)
+    assert folder.returncode == 2 and "is a folder" in folder.stderr
 
 
 def test_failing_trials_are_recorded_and_do_not_stop_the_sweep(synthetic, r18_pkl, tmp_path):
@@ -194,12 +201,24 @@ def test_bad_bench_inputs_exit_2_without_a_run_store(synthetic, r18_pkl, tmp_pat
     assert cli_main(*args) == 2 and "--benchmark voc2099" in capsys.readouterr().err
     assert cli_main(*_bench_args(synthetic, r18_pkl, tmp_path / "c", "MODEL.BAD_KEY", "1")) == 2
     assert "MODEL.BAD_KEY" in capsys.readouterr().err
+    for metric in ("bogus/AP", "segm/AP"):  # VOC has no masks: refused before any fine-tune
+        assert cli_main(*_bench_args(synthetic, r18_pkl, tmp_path / "d", "--metric", metric)) == 2
+        assert f"--metric {metric}: voc07_mini reports bbox/AP50, bbox/AP, bbox/AP75" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no refused bench left a folder behind
 
 
-def test_a_folder_holds_one_sweep(local_sweep, synthetic, r18_pkl, capsys):
+def test_a_folder_holds_one_sweep(local_sweep, synthetic, r18_pkl, capsys, tmp_path):
     out, _ = local_sweep
     assert cli_main(*_bench_args(synthetic, r18_pkl, out, "SOLVER.WEIGHT_DECAY", "0.001")) == 2
     assert "use a new --output-dir" in capsys.readouterr().err
+    # A folder started on 8 GPUs (8 x 2 images) refuses a rerun on this 1-process machine.
+    settings = json.loads((out / "bench.json").read_text())
+    (tmp_path / "eight").mkdir()
+    (tmp_path / "eight" / "bench.json").write_text(json.dumps({**settings, "world_size": 8, "ims_per_gpu": 2}))
+    assert cli_main(*_bench_args(synthetic, r18_pkl, tmp_path / "eight")) == 2
+    err = capsys.readouterr().err
+    assert "world_size 8 (now 1)" in err and "ims_per_gpu 2 (now 4)" in err
+    assert sorted(p.name for p in (tmp_path / "eight").iterdir()) == ["bench.json"]
 
 
 def test_two_benches_cannot_share_a_folder(local_sweep, synthetic, r18_pkl, capsys):

@@ -1,6 +1,7 @@
 """Detection stage: ExtraNorm head, configs, datasets, data check, finetune (the engine smoke tests)."""
 
 import json
+import math
 import re
 import shutil
 
@@ -53,8 +54,12 @@ def test_protocol_schedules():
     coco = _cfg(FULL["coco_1x"])
     assert (coco.SOLVER.MAX_ITER, tuple(coco.SOLVER.STEPS), coco.MODEL.MASK_ON) == (90000, (60000, 80000), True)
     assert _cfg(FULL["coco_2x"]).SOLVER.MAX_ITER == 180000
-    base = _cfg(FULL["voc07"])
-    assert (base.SOLVER.IMS_PER_BATCH, base.SOLVER.BASE_LR, base.SOLVER.REFERENCE_WORLD_SIZE) == (16, 0.02, 8)
+    base = _cfg(FULL["voc07"])  # the faithful default switches detectron2's rescaling off
+    assert (base.SOLVER.IMS_PER_BATCH, base.SOLVER.BASE_LR, base.SOLVER.REFERENCE_WORLD_SIZE) == (16, 0.02, 0)
+    from detection.finetune import FinetuneJob, build_cfg
+
+    linear = build_cfg(FinetuneJob(config_file=FULL["voc07"], weights="none", scaling="linear"))
+    assert linear.SOLVER.REFERENCE_WORLD_SIZE == 8  # 8 GPUs x 2 images, what batch 16 was written for
 
 
 def test_resnet18_res5_uses_basic_blocks_so_pretrained_weights_transfer(r18_pkl):
@@ -70,7 +75,8 @@ def test_resnet18_res5_uses_basic_blocks_so_pretrained_weights_transfer(r18_pkl)
     assert not torch.equal(before, model.roi_heads.res5[1].conv2.weight)
 
 
-def test_syncbn_on_one_cpu_process_is_switched_with_a_warning(caplog):
+def test_syncbn_on_one_cpu_process_is_switched_and_logged(caplog):
+    caplog.set_level("INFO", logger="simsiam_transfer.finetune")
     cfg = _cfg(MINI["voc07"], "MODEL.RESNETS.NORM", "SyncBN")
     assert cfg.MODEL.RESNETS.NORM == "naiveSyncBN" and cfg.MODEL.DEVICE == "cpu"
     assert "SyncBN cannot run" in caplog.text
@@ -164,22 +170,26 @@ def test_data_check_catches_coco_defects(synthetic, tmp_path):
     assert proc.returncode == 2 and "malformed JSON" in proc.stdout
 
 
-def _finetune(config, weights, synthetic, out, *extra):
+def _finetune(config, weights, synthetic, out, *extra, flags=()):
     return cli_main("finetune", "--config", config, "--weights", weights, "--datasets", synthetic / "datasets.yaml",
-                    *SHORT, "OUTPUT_DIR", out, *extra)
+                    *flags, *SHORT, "OUTPUT_DIR", out, *extra)
 
 
 def test_voc_faster_rcnn_trains_and_the_voc_evaluator_reports_ap(synthetic, r18_pkl, tmp_path):
-    # REFERENCE_WORLD_SIZE 2 on one process: detectron2 halves the batch and LR and doubles the schedule.
-    assert _finetune(MINI["voc07"], r18_pkl, synthetic, tmp_path, "SOLVER.REFERENCE_WORLD_SIZE", "2", "SEED", "7") == 0
+    # --scaling linear with REFERENCE_WORLD_SIZE 2 on one process: detectron2 halves the batch and LR
+    # and doubles the schedule (the default faithful policy would keep them).
+    assert _finetune(MINI["voc07"], r18_pkl, synthetic, tmp_path, "SOLVER.REFERENCE_WORLD_SIZE", "2", "SEED", "7",
+                     flags=("--scaling", "linear")) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("bbox/AP", "bbox/AP50", "bbox/AP75"):
         assert 0.0 <= metrics[key] <= 100.0
     assert (metrics["ims_per_batch"], metrics["base_lr"], metrics["max_iter"]) == (2, 0.01, 8)
     assert metrics["seed"] == 7 and len(metrics["config_hash"]) == 16 and metrics["versions"]["detectron2"]
-    assert metrics["norm"] == "BN" and metrics["world_size"] == 1
+    assert metrics["norm"] == "BN" and metrics["world_size"] == 1 and metrics["scaling"] == "linear"
+    assert metrics["bn_group"] == 2 and "batch 2 != 4" in metrics["flags"]
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
-    assert log and all("total_loss" in r for r in log if "total_loss" in r)
+    losses = [r["total_loss"] for r in log if "total_loss" in r]
+    assert losses and all(math.isfinite(v) for v in losses)
 
 
 @pytest.mark.parametrize("name", ["voc0712", "coco_1x", "coco_2x"])
@@ -197,14 +207,39 @@ def test_scratch_row_trains_stably_with_trainable_bn(synthetic, tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["weights"] == "none"
 
 
-def test_finetune_resumes_from_its_last_checkpoint(synthetic, r18_pkl, tmp_path, caplog):
-    assert _finetune(MINI["voc07"], r18_pkl, synthetic, tmp_path, "SEED", "1") == 0
-    assert (tmp_path / "model_final.pth").is_file()
-    assert _finetune(MINI["voc07"], r18_pkl, synthetic, tmp_path, "SEED", "1", "SOLVER.MAX_ITER", "6") == 0
+def test_finetune_resumes_only_under_its_own_schedule(synthetic, r18_pkl, tmp_path, capsys):
+    every_2 = ("SEED", "1", "SOLVER.CHECKPOINT_PERIOD", "2")
+    assert _finetune(MINI["voc07"], r18_pkl, synthetic, tmp_path, *every_2) == 0
+    assert (tmp_path / "model_0000001.pth").is_file() and (tmp_path / "schedule.json").is_file()
+    # As if killed after iteration 2: the last checkpoint is model_0000001.pth.
+    for name in ("model_final.pth", "model_0000003.pth", "metrics.json"):
+        (tmp_path / name).unlink()
+    (tmp_path / "last_checkpoint").write_text("model_0000001.pth")
+    assert _finetune(MINI["voc07"], r18_pkl, synthetic, tmp_path, *every_2) == 0
     log = (tmp_path / "log.txt").read_text()
-    assert "Starting training from iteration 0" in log and "Starting training from iteration 4" in log
-    records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in records if "total_loss" in r] == [3, 5]
+    assert "Starting training from iteration 0" in log and "Starting training from iteration 2" in log
+    metrics = tmp_path / "metrics.json"
+    before = metrics.read_bytes(), metrics.stat().st_mtime_ns
+    capsys.readouterr()
+    # Another schedule (or batch policy) is refused before anything is trained or evaluated.
+    assert _finetune(MINI["voc07"], r18_pkl, synthetic, tmp_path, *every_2, "SOLVER.MAX_ITER", "6") == 2
+    assert "max_iter 4 (now 6)" in capsys.readouterr().err
+    assert _finetune(MINI["voc07"], r18_pkl, synthetic, tmp_path, *every_2, "SOLVER.REFERENCE_WORLD_SIZE", "2",
+                     flags=("--scaling", "linear")) == 2
+    assert "ims_per_gpu 4 (now 2)" in capsys.readouterr().err
+    assert (metrics.read_bytes(), metrics.stat().st_mtime_ns) == before
+
+
+def test_machine_rank_above_zero_returns_without_metrics(synthetic, r18_pkl, tmp_path, monkeypatch, capsys):
+    import detectron2.engine
+
+    calls = []
+    monkeypatch.setattr(detectron2.engine, "launch", lambda *a, **k: calls.append(k))  # no second machine here
+    code = _finetune(MINI["voc07"], r18_pkl, synthetic, tmp_path,
+                     flags=("--num-machines", "2", "--machine-rank", "1", "--dist-url", "tcp://127.0.0.1:9"))
+    assert code == 0 and calls[0]["machine_rank"] == 1 and calls[0]["num_machines"] == 2
+    assert "machine rank 1: training finished" in capsys.readouterr().out
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "schedule.json").exists()
 
 
 def test_weights_not_covering_the_backbone_are_refused(synthetic, r18_pkl, tmp_path, capsys):
