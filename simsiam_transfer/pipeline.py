@@ -34,6 +34,7 @@ import torch
 from convert.command import convert_checkpoint, print_summary, report_path
 from detection import protocol
 from detection.bench import Bench
+from detection.spec import ExecutorOptions, SweepSpec
 from detection.report import load_benches, plot_ap_vs_lr, render
 from pretrain import checkpoint
 from pretrain.config import load_cfg as load_pretrain_cfg
@@ -63,11 +64,14 @@ _P.BENCH.TRIALS_PER_BENCHMARK = CN(new_allowed=True)  # e.g. {coco_1x: 1}: the p
 _P.BENCH.SEARCH = "best-then-repeat"
 _P.BENCH.METRIC = "bbox/AP"
 _P.BENCH.EXECUTOR = "local"
-_P.BENCH.NUM_GPUS = -1           # GPUs per trial; -1 = bench's default
+_P.BENCH.GPUS_PER_TRIAL = -1     # -1 = bench's default: all visible GPUs (8 on Slurm), 0 on CPU
+_P.BENCH.SCALING = "faithful"    # faithful (the config's batch 16 spread over the GPUs) or linear
 _P.BENCH.MAX_RETRIES = 1
 _P.BENCH.CFG = CN(new_allowed=True)  # nested detectron2 keys applied to every fine-tune
 _P.REPORT = CN()
 _P.REPORT.FORMAT = "md"
+_P.REPORT.PER_TRIAL = False      # also list each trial's metrics and seed
+_P.REPORT.REFERENCE = ""         # "paper": add the SimSiam paper's published Table 5 rows
 
 _ROW = CN()
 _ROW.NAME = ""                   # label in the report (default: the row id)
@@ -130,6 +134,8 @@ def _validate(cfg, source):
             raise UserError(f"{source}: BENCH.TRIALS_PER_BENCHMARK.{bm} must be an integer >= 1, got {trials!r}")
     if cfg.BENCH.LRS:
         protocol.parse_lrs(",".join(repr(float(lr)) for lr in cfg.BENCH.LRS))
+    if cfg.REPORT.REFERENCE not in ("", "paper"):
+        raise UserError(f"{source}: REPORT.REFERENCE {cfg.REPORT.REFERENCE!r}: use \"paper\" or leave it empty")
     if cfg.REPORT.FORMAT not in ("md", "csv", "latex"):
         raise UserError(f"{source}: REPORT.FORMAT {cfg.REPORT.FORMAT!r} is not one of md, csv, latex")
 
@@ -261,12 +267,13 @@ class Pipeline:
         b = self.cfg.BENCH
         datasets = self.cfg.DATA.DATASETS or (str(self.data_dir / "datasets.yaml") if self.cfg.DATA.SYNTHETIC else "")
         folder = self.bench_folder(benchmark, row)
-        summary = Bench(_sweep_args(
+        summary = Bench(SweepSpec(
             benchmark=benchmark, weights=self.weights_path(row), name=row.name, output_dir=str(folder),
-            trials=self.trials(benchmark), search=b.SEARCH, metric=b.METRIC, executor=b.EXECUTOR,
-            max_retries=b.MAX_RETRIES, lrs=",".join(repr(float(lr)) for lr in b.LRS) if b.LRS else None,
-            datasets=datasets or None, data_root=self.cfg.DATA.DATA_ROOT or None,
-            num_gpus=b.NUM_GPUS if b.NUM_GPUS >= 0 else None, overrides=flatten(b.CFG))).run()
+            trials=self.trials(benchmark), search=b.SEARCH, metric=b.METRIC, max_retries=b.MAX_RETRIES,
+            lrs=tuple(b.LRS) or None, datasets=datasets or None, data_root=self.cfg.DATA.DATA_ROOT or None,
+            scaling=b.SCALING, overrides=tuple(flatten(b.CFG)),
+            executor=ExecutorOptions(kind=b.EXECUTOR, gpus_per_trial=b.GPUS_PER_TRIAL if b.GPUS_PER_TRIAL >= 0
+                                     else None))).run()
         if summary["selected_lr"] is None:
             raise UserError(f"bench {benchmark} / {row.id}: every trial failed; see {folder}")
         return "done"
@@ -275,7 +282,8 @@ class Pipeline:
         benches = load_benches([folder for *_, folder in self.bench_jobs()])
         ext = {"md": "md", "csv": "csv", "latex": "tex"}[self.cfg.REPORT.FORMAT]
         path = self.out / f"report.{ext}"
-        text = render(benches, self.cfg.REPORT.FORMAT)
+        text = render(benches, self.cfg.REPORT.FORMAT, per_trial=self.cfg.REPORT.PER_TRIAL,
+                      reference=self.cfg.REPORT.REFERENCE or None)
         atomic.write_text(path, text)
         plot_ap_vs_lr(benches, self.out / "report_ap_vs_lr.png")
         print(text)
@@ -306,10 +314,3 @@ class Pipeline:
             self._mark(name, stage())
         return self.state
 
-
-def _sweep_args(**fields):
-    """Bench settings as keywords (replaced by the typed sweep spec)."""
-    import argparse
-
-    defaults = dict(keep_checkpoints=False, slurm_partition=None, slurm_time=4320, slurm_cpus_per_task=None)
-    return argparse.Namespace(**{**defaults, **fields})

@@ -92,7 +92,7 @@ ROWS:
         DATA: {{IMAGE_SIZE: 32, NUM_WORKERS: 0}}
   scratch: {{NAME: "scratch", WEIGHTS: "none"}}
 BENCH:
-  NUM_GPUS: 0
+  GPUS_PER_TRIAL: 0
   BENCHMARKS: ["coco_1x_mini"]
   LRS: [0.02]
   TRIALS: 2
