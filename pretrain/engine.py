@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from pretrain import checkpoint
-from pretrain.data import LabeledFolder, TwoViewDataset, eval_transform, simsiam_augmentation
+from pretrain.data import LabeledFolder, TwoViewDataset, check_train_images, eval_transform, simsiam_augmentation
 from pretrain.distributed import barrier, cleanup, init_distributed
 from pretrain.knn import extract_features, weighted_knn_top1
 from pretrain.loss import normalized_std, simsiam_loss
@@ -61,6 +61,7 @@ class Pretrainer:
         if len(self.dataset) < cfg.SOLVER.BATCH_SIZE:
             raise UserError(f"DATA.TRAIN_DIR {cfg.DATA.TRAIN_DIR}: {len(self.dataset)} images, fewer than one "
                             f"batch (SOLVER.BATCH_SIZE {cfg.SOLVER.BATCH_SIZE}); lower the batch size")
+        check_train_images(self.dataset.files, cfg, self.dist)
         self.sampler = DistributedSampler(self.dataset, num_replicas=self.dist.world_size,
                                           rank=self.dist.rank, shuffle=True, seed=cfg.SEED, drop_last=True)
         self.loader = DataLoader(self.dataset, batch_size=self.per_process_batch, sampler=self.sampler,
@@ -207,6 +208,7 @@ class Pretrainer:
         cfg = self.cfg
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            atomic.remove_stale_tmp(self.out)
             atomic.write_text(self.out / "config.yaml", cfg.dump())
         writer = None
         if self.dist.is_main:
