@@ -9,6 +9,7 @@ name. Oversize means more pixels than PIL's decompression-bomb limit (``Image.MA
 import dataclasses
 import multiprocessing
 import os
+import re
 import time
 import warnings
 from pathlib import Path
@@ -45,16 +46,23 @@ def list_images(root, key: str = "DATA.TRAIN_DIR") -> List[Path]:
     return files
 
 
+def _bomb_text(pixels: int) -> str:
+    return (f"{pixels:,} pixels, over the decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,} "
+            "(PIL Image.MAX_IMAGE_PIXELS)")
+
+
 def _oversize(size: Tuple[int, int]) -> Optional[str]:
     limit = Image.MAX_IMAGE_PIXELS
     if limit and size[0] * size[1] > limit:
-        return (f"{size[0]}x{size[1]} = {size[0] * size[1]:,} pixels, over the decompression-bomb limit "
-                f"of {limit:,} (PIL Image.MAX_IMAGE_PIXELS)")
+        return f"{size[0]}x{size[1]}: {_bomb_text(size[0] * size[1])}"
     return None
 
 
 def _open_checked(path, decode: bool, mode: Optional[str] = None):
-    """Open ``path``; with ``decode``, decode it fully. Raises ``UnreadableImage(kind, detail)``-style lines."""
+    """Open ``path``: its size from the header, or decoded fully (``decode``), or converted to ``mode``.
+
+    Raises ``_Problem(kind, detail)`` for anything a training run could not use.
+    """
     try:
         if os.path.getsize(path) == 0:
             raise _Problem("empty file", "0 bytes")
@@ -78,7 +86,9 @@ def _open_checked(path, decode: bool, mode: Optional[str] = None):
     except _Problem:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise _Problem("oversize image", str(exc).split(". ")[0]) from None
+        # PIL refuses over twice its limit inside open(); its message holds the pixel count.
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        raise _Problem("oversize image", _bomb_text(int(pixels.group(1))) if pixels else str(exc)) from None
     except UnidentifiedImageError:
         raise _Problem("not an image", "no image format recognises its content") from None
     except FileNotFoundError:
