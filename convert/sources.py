@@ -59,9 +59,9 @@ def describe_load_error(exc, path=None):
     """One line for a failed ``torch.load``: the refused class of an unsafe pickle, what a plain pickle
     holds (read without running it), else the first line of torch's error."""
     text = str(exc)
-    for line in text.splitlines():
-        if "Unsupported global" in line:
-            return "unsafe pickle, refused by weights_only loading: " + line.strip().split(" was not")[0]
+    refused = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", text)
+    if refused:
+        return f"unsafe pickle, refused by weights_only loading: it would build {refused.group(1)}"
     if path is not None:
         from convert.d2_format import describe_plain_pickle
 

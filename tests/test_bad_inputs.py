@@ -27,6 +27,8 @@ from detection import protocol
 
 NEEDS_DETECT = "needs h-detect merge (bench --metric / refused-bench folder / NaN aggregation)"
 NEEDS_WIRING = "needs the lead's one-line call of a simsiam_transfer.atomic helper in a file this branch does not own"
+# Keeps a bench that is not refused yet (before the h-detect merge) to seconds.
+BENCH_SHORT = ["SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "(1,)", "SOLVER.WARMUP_ITERS", "1", "TEST.PRECISE_BN.NUM_ITER", "1"]
 PRETRAIN_SMALL = ["DATA.IMAGE_SIZE", "32", "DATA.NUM_WORKERS", "0", "SOLVER.BATCH_SIZE", "16", "SOLVER.EPOCHS", "1",
                   "SOLVER.MAX_ITERS_PER_EPOCH", "1", "MODEL.DIM", "64", "MODEL.PRED_DIM", "16",
                   "DATA.KNN_TRAIN_DIR", "", "DATA.KNN_VAL_DIR", ""]
@@ -101,14 +103,14 @@ class Ctx:
         return ["pretrain", "--config", config, "DATA.TRAIN_DIR", train_dir or self.synthetic / "unlabeled",
                 *PRETRAIN_SMALL, "OUTPUT_DIR", self.tmp / "run", *extra]
 
-    def finetune(self, *extra, config="PascalVOC-Detection/faster_rcnn_R_18_C4_voc07_mini.yaml", weights=None):
+    def finetune(self, *extra, config="detection/PascalVOC-Detection/faster_rcnn_R_18_C4_voc07_mini.yaml", weights=None):
         return ["finetune", "--config", config, "--weights", weights or self.r18_pkl,
                 "--datasets", self.synthetic / "datasets.yaml", "OUTPUT_DIR", self.tmp / "ft", *extra]
 
     def bench(self, *extra, benchmark="voc07_mini", weights=None):
         return ["bench", "--benchmark", benchmark, "--weights", weights or self.r18_pkl, "--output-dir",
                 self.tmp / "bench", "--lrs", "0.02", "--trials", "1", "--datasets", self.synthetic / "datasets.yaml",
-                *extra]
+                *extra, *BENCH_SHORT]
 
     def convert(self, src, out=None):
         return ["convert", src, out or self.tmp / "out.pkl"]
@@ -260,7 +262,7 @@ def _(c):
     return c.finetune(weights=bad), [str(bad), "NaN/inf", "res4.0.conv1.weight"]
 
 
-@case("bench/weights-payload-pkl")
+@case("bench/weights-payload-pkl", xfail=NEEDS_DETECT)
 def _(c):
     bad = c.file("evil.pkl", pickle.dumps({"model": {"w": np.zeros(2)}, "x": _Payload(c.marker)}))
     return c.bench(weights=bad), [str(bad), "posix.system"]
@@ -298,7 +300,8 @@ def _(c):
     return c.pretrain(config=evil), [str(evil), "refused the YAML tag !!python/object/apply:os.system"]
 
 
-@case("tag/pretrain --config with a tagged _BASE_")
+@case("tag/pretrain --config with a tagged _BASE_", xfail="lead: simsiam_transfer/config.py names the child file, "
+      "not the _BASE_ file holding the tag (use the YAML mark's .name)")
 def _(c):
     c.file("evil.yaml", _tag_yaml(c.marker))
     child = c.file("child.yaml", "_BASE_: evil.yaml\nSOLVER:\n  EPOCHS: 1\n")
@@ -331,7 +334,7 @@ def _(c):
     return args, [str(evil), "refused the YAML tag"]
 
 
-@case("tag/bench --benchmark FILE")
+@case("tag/bench --benchmark FILE", xfail=NEEDS_DETECT)
 def _(c):
     evil = c.file("evil.yaml", _tag_yaml(c.marker))
     return c.bench(benchmark=evil), [str(evil), "refused the YAML tag"]
@@ -684,3 +687,108 @@ def test_clean_datasets_and_image_folders_pass(synthetic, capsys):
     assert cli_main("data", "check", "--coco", synthetic / "coco/annotations/instances_train.json",
                     "--image-root", synthetic / "coco/train") == 0
     assert capsys.readouterr().out.count("OK: no problems found") == 3
+
+
+# -- images during training, leftovers, interruption, aggregation -------------------------------
+def test_pretrain_scan_is_reported_with_its_time_and_skipped_above_the_limit(synthetic, tmp_path, capsys,
+                                                                            monkeypatch):
+    ctx = Ctx(tmp_path, synthetic, None)
+    assert cli_main(*ctx.pretrain()) == 0
+    out = capsys.readouterr().out
+    assert "checked 96 images in DATA.TRAIN_DIR in " in out and "all decode" in out
+    monkeypatch.setattr("pretrain.data.AUTO_SCAN_LIMIT", 10)
+    folder = ctx.images("zz_cut.jpg", ctx.a_jpeg()[:400])
+    # Above the limit the scan is opt-in: skipped (and said so) under auto, run under always.
+    assert cli_main(*ctx.pretrain("DATA.CHECK_IMAGES", "always", "OUTPUT_DIR", tmp_path / "b",
+                                  train_dir=folder)) == 2
+    assert "zz_cut.jpg" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    assert cli_main(*ctx.pretrain("OUTPUT_DIR", tmp_path / "c", "SOLVER.EPOCHS", "1", train_dir=folder)) in (0, 2)
+    assert "image check skipped: 97 images" in capsys.readouterr().out
+
+
+def test_an_image_that_fails_to_decode_in_training_stops_the_run_naming_it(synthetic, tmp_path, capsys):
+    """Policy (README): with the scan off, a bad file stops training at once, one line, exit 2."""
+    folder = tmp_path / "few"
+    folder.mkdir()
+    for src in sorted((synthetic / "unlabeled").rglob("*.jpg"))[:15]:
+        shutil.copy(src, folder / src.name)
+    (folder / "zz_cut.jpg").write_bytes(next(folder.glob("*.jpg")).read_bytes()[:400])
+    ctx = Ctx(tmp_path, synthetic, None)
+    args = ctx.pretrain("DATA.CHECK_IMAGES", "never", "DATA.NUM_WORKERS", "1", "SOLVER.MAX_ITERS_PER_EPOCH", "0",
+                        train_dir=folder)
+    assert cli_main(*args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "DataLoader worker" not in err, err
+    assert f"{folder / 'zz_cut.jpg'}: unreadable image" in err
+    assert not (tmp_path / "run" / "checkpoint_last.pth").exists()
+
+
+def test_a_decompression_bomb_is_refused_by_name_when_opened(tmp_path):
+    from simsiam_transfer.errors import UserError
+    from simsiam_transfer.images import open_rgb
+
+    bomb = png_bomb(tmp_path / "bomb.png")
+    with pytest.raises(UserError, match=r"bomb\.png: oversize image \(400,000,000 pixels, over the "):
+        open_rgb(bomb)
+
+
+def test_pretrain_removes_its_own_stale_tmp_files(synthetic, tmp_path):
+    ctx = Ctx(tmp_path, synthetic, None)
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = [run / ".checkpoint_last.pth.k1l2m3n4.tmp", run / ".metrics.jsonl.abcd_123.tmp"]
+    for path in stale:
+        path.write_bytes(b"\0" * 1024)
+    (run / "notes.tmp").write_text("not ours")
+    assert cli_main(*ctx.pretrain()) == 0
+    assert not any(p.exists() for p in stale) and (run / "notes.tmp").exists()
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_convert_removes_its_own_stale_tmp_files_only(tmp_path):
+    ctx = Ctx(tmp_path, None, None)
+    src = ctx.r18_checkpoint()
+    ours = [tmp_path / ".out.pkl.abcd1234.tmp", tmp_path / ".out.pkl.report.json.zz9_8x7w.tmp"]
+    theirs = tmp_path / ".other.pkl.abcd1234.tmp"
+    for path in [*ours, theirs]:
+        path.write_bytes(b"partial")
+    assert cli_main("convert", src, tmp_path / "out.pkl", "--no-verify") == 0
+    assert not any(p.exists() for p in ours) and theirs.exists()
+
+
+def test_killed_convert_leaves_no_tmp_after_the_next_run(tmp_path):
+    src = tmp_path / "r50.pth"
+    torch.save({"state_dict": {f"module.encoder.{k}": v for k, v in torchvision_state(50).items()}}, src)
+    out = tmp_path / "out.pkl"
+    cmd = [sys.executable, "-m", "simsiam_transfer.cli", "convert", str(src), str(out), "--no-verify"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list(tmp_path.glob(".out.pkl.*.tmp")):
+        time.sleep(0.002)
+    assert proc.poll() is None, "convert finished before its write could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(tmp_path.glob(".out.pkl.*.tmp")) and not out.exists()  # killed mid-write
+    rerun = run_cli("convert", src, out, "--no-verify")
+    assert rerun.returncode == 0, rerun.stderr
+    assert not list(tmp_path.glob(".*.tmp"))
+    from convert.d2_format import read_detectron2_pkl
+
+    assert "res5.2.conv3.weight" in read_detectron2_pkl(out)["model"]
+
+
+def test_detectron2_pkl_given_to_convert_is_one_complete_line(r18_pkl, tmp_path):
+    proc = run_cli("convert", r18_pkl, tmp_path / "again.pkl")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "Warning" not in proc.stderr and proc.stderr.rstrip().endswith("the pretraining checkpoint)")
+
+
+@pytest.mark.xfail(strict=False, reason=NEEDS_DETECT)
+def test_a_nan_metric_never_wins_the_lr_search():
+    settings = {"name": "x", "benchmark": "voc07", "config": "c", "weights": "w", "metric": "bbox/AP",
+                "lrs": [0.02, 0.05], "search": "full"}
+    records = [{"lr": 0.02, "trial": 0, "status": "done", "metrics": {"bbox/AP": float("nan")}},
+               {"lr": 0.05, "trial": 0, "status": "done", "metrics": {"bbox/AP": 5.4}}]
+    summary = protocol.build_summary(settings, records)
+    assert summary["selected_lr"] == 0.05
+    assert summary["trials"]["failed"] == 1
