@@ -6,10 +6,10 @@ training an image that fails to decode stops the run at once with one line namin
 
 import random
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
-from PIL import Image, ImageFilter
+from PIL import ImageFilter
 from torchvision import transforms
 
 from simsiam_transfer.errors import UserError
@@ -64,7 +64,7 @@ def check_train_images(files, cfg, dist=None) -> Optional[ImageScan]:
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     scan = scan_files(files[rank::world], cfg.DATA.NUM_WORKERS)
     if world > 1:
-        shares = [None] * world
+        shares: List[List[Tuple[str, str, str]]] = [[] for _ in range(world)]
         torch.distributed.all_gather_object(shares, scan.problems)
         scan.problems = sorted(p for share in shares for p in share)
     if scan.problems:
