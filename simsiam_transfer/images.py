@@ -80,7 +80,7 @@ def _open_checked(path, decode: bool, mode: Optional[str] = None):
                     # JPEG decodes at 1/8 scale here: every byte is still read, a tenth of the work.
                     img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
                     img.load()
-                return img.size
+                return _oriented_size(img)
             finally:
                 img.close()
     except _Problem:
@@ -96,6 +96,16 @@ def _open_checked(path, decode: bool, mode: Optional[str] = None):
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError) as exc:
         raise _Problem("unreadable image", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                        .rstrip(": ")) from None
+
+
+def _oriented_size(img) -> Tuple[int, int]:
+    """Size after the EXIF orientation, as detectron2's reader sees it (it transposes before checking)."""
+    width, height = img.size
+    try:
+        orientation = img.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - a broken EXIF block leaves the stored size
+        orientation = None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 class _Problem(Exception):

@@ -792,3 +792,26 @@ def test_a_nan_metric_never_wins_the_lr_search():
     summary = protocol.build_summary(settings, records)
     assert summary["selected_lr"] == 0.05
     assert summary["trials"]["failed"] == 1
+
+
+def test_header_size_check_follows_exif_orientation_as_detectron2_does(tmp_path):
+    from PIL import Image
+
+    from detection.data_check import check_coco
+
+    image = Image.new("RGB", (40, 20))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees: detectron2 reads it as 20 x 40
+    (tmp_path / "img").mkdir()
+    image.save(tmp_path / "img" / "a.jpg", exif=exif)
+
+    def doc(width, height):
+        return {"images": [{"id": 1, "file_name": "a.jpg", "width": width, "height": height}],
+                "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]}],
+                "categories": [{"id": 1, "name": "thing"}]}
+    (tmp_path / "ok.json").write_text(json.dumps(doc(20, 40)))
+    (tmp_path / "raw.json").write_text(json.dumps(doc(40, 20)))
+    assert check_coco(tmp_path / "ok.json", tmp_path / "img").ok
+    problems = check_coco(tmp_path / "raw.json", tmp_path / "img").problems
+    assert list(problems) == ["header size differs from the image"]
+    assert "says 40x20" in problems["header size differs from the image"][0]
