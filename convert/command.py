@@ -20,6 +20,10 @@ def convert_checkpoint(input_path, output_path, fmt="detectron2", source="auto",
     """Convert, verify, then write OUTPUT and ``OUTPUT.report.json``; returns the report dict."""
     if Path(input_path).resolve() == Path(output_path).resolve():
         raise UserError(f"{output_path}: output would overwrite the input checkpoint")
+    atomic.check_output_file(output_path, "OUTPUT")
+    atomic.check_output_file(report_path(output_path), "OUTPUT's report")
+    # Leftovers of a convert killed mid-write to the same OUTPUT (this command owns those names).
+    atomic.remove_stale_tmp(Path(output_path).parent, [Path(output_path).name, report_path(output_path).name])
     backbone, info = extract_backbone(input_path, source)
     stats = residual_scale_stats(backbone, info["block"])
     report = {

@@ -28,14 +28,16 @@ _ALLOWED = {
 
 
 class _Refused(pickle.UnpicklingError):
-    pass
+    def __init__(self, name):
+        super().__init__(f"refusing to load {name}")
+        self.name = name
 
 
 class _ArraysOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) in _ALLOWED:
             return super().find_class(module, name)
-        raise _Refused(f"refusing to load {module}.{name}")
+        raise _Refused(f"{module}.{name}")
 
 
 def read_detectron2_pkl(path):
@@ -55,7 +57,29 @@ def read_detectron2_pkl(path):
     bad = [k for k, v in model.items() if not isinstance(v, np.ndarray)]
     if bad:
         raise UserError(f"{path}: entries that are not arrays, e.g. {bad[0]!r}")
+    bad = [k for k, v in model.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
+    if bad:
+        raise UserError(f"{path}: {len(bad)} array(s) hold NaN/inf, first {bad[0]!r}; convert a checkpoint "
+                        "from before the pretraining diverged")
     return data
+
+
+def describe_plain_pickle(path):
+    """What a plain pickle (not torch's zip format) holds, read without running it; None otherwise."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(1) != b"\x80":  # pickle protocol 2+ opcode; anything else is not ours to describe
+                return None
+            f.seek(0)
+            data = _ArraysOnlyUnpickler(io.BufferedReader(f), encoding="latin1").load()
+    except _Refused as exc:
+        return f"a pickle that would build {exc.name}, refused: loading it could run code"
+    except Exception:  # noqa: BLE001 - a file we cannot read this way is described by torch's error
+        return None
+    if isinstance(data, dict) and isinstance(data.get("model"), dict):
+        return ("a detectron2 weights file (already converted); give it to `finetune --weights` or "
+                "`bench --weights`, and give `convert` the pretraining checkpoint")
+    return None
 
 
 def detectron2_payload(d2_state):

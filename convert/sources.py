@@ -14,6 +14,7 @@ torchvision          (none)                       classifier ``fc.*``
 """
 
 import re
+import warnings
 
 import torch
 
@@ -41,24 +42,37 @@ _PROBE_KEYS = ("conv1.weight", "layer1.0.conv1.weight")
 def load_checkpoint(path):
     """``torch.load(weights_only=True)`` with a clear error for anything that is not a safe checkpoint."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about the pickle protocol of any non-zip file; the error below says what matters.
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
     except IsADirectoryError:
         raise UserError(f"{path}: is a directory, expected a checkpoint file") from None
     except Exception as exc:  # torch raises many types for truncated/foreign/unsafe files
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({describe_load_error(exc)})") from None
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({describe_load_error(exc, path)})") from None
     return obj
 
 
-def describe_load_error(exc):
-    """One line for a failed ``torch.load``: the refused class of an unsafe pickle, else the first line."""
+def describe_load_error(exc, path=None):
+    """One line for a failed ``torch.load``: the refused class of an unsafe pickle, what a plain pickle
+    holds (read without running it), else the first line of torch's error."""
     text = str(exc)
-    for line in text.splitlines():
-        if "Unsupported global" in line:
-            return "unsafe pickle, refused by weights_only loading: " + line.strip().split(" was not")[0]
+    refused = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", text)
+    if refused:
+        return f"unsafe pickle, refused by weights_only loading: it would build {refused.group(1)}"
+    if path is not None:
+        from convert.d2_format import describe_plain_pickle
+
+        described = describe_plain_pickle(path)
+        if described:
+            return described
+    detail = re.search(r"WeightsUnpickler error: (.+?)(?:\n\n|$)", text, re.S)
+    if detail:
+        return f"refused by weights_only loading: {' '.join(detail.group(1).split())}"
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    return f"truncated or foreign file: {first[:160]}"
+    return f"truncated or foreign file: {first}"
 
 
 def state_dict_of(obj, path):
@@ -191,6 +205,10 @@ def extract_backbone(path, source="auto"):
         raise UserError(f"{path}: --source {source} expects keys under {SOURCES[source]!r}, found none; "
                         f"detected candidates: {candidate_sources(state_dict, checkpoint) or 'none'}")
     backbone, dropped = split_backbone(state_dict, source)
+    bad = [k for k, v in backbone.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(f"{path}: {len(bad)} backbone tensor(s) hold NaN/inf, first {bad[0]}; the run that "
+                        "wrote it diverged: use an earlier checkpoint")
     depth, block = resnet_layout(backbone, path)
     check_complete(backbone, depth, path)
     backbone = {k: v.float() if v.is_floating_point() else v for k, v in backbone.items()}

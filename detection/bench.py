@@ -259,6 +259,7 @@ class Bench:
 
     def _run_locked(self):
         self._check_settings(self.settings)  # again under the lock: a concurrent first run may have written
+        atomic.remove_stale_tmp(self.out)  # half-written files of a killed sweep's atomic writes
         atomic.write_json(self.out / SETTINGS, self.settings)
         s, lrs = self.settings, self.settings["lrs"]
         print(f"[bench] {s['name']} on {s['benchmark']} ({s['column']}): LRs {lrs}, {self.spec.trials} trial(s), "

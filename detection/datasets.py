@@ -15,9 +15,8 @@ CONTRACTS.md) adds or overrides names.
 import os
 from pathlib import Path
 
-import yaml
-
 from detection.voc import VOC_CLASSES, load_voc_instances
+from simsiam_transfer.config import safe_yaml
 from simsiam_transfer.errors import UserError
 
 STANDARD_VOC = {
@@ -49,12 +48,7 @@ def standard_specs(data_root):
 def load_catalog(path):
     """Parse and validate a dataset catalog; relative paths are resolved against its folder."""
     path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read dataset catalog ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: dataset catalog is not valid YAML ({str(exc).splitlines()[0]})") from None
+    doc = safe_yaml(path)
     if not isinstance(doc, dict) or not doc:
         raise UserError(f"{path}: a dataset catalog is a mapping of name -> description (see CONTRACTS.md)")
     specs = {}

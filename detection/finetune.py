@@ -224,6 +224,7 @@ def run_finetune(job):
     from detectron2.engine import launch
 
     job, cfg, batch = preflight(job)
+    atomic.check_output_dir(cfg.OUTPUT_DIR, "OUTPUT_DIR")
     check_resume(cfg.OUTPUT_DIR, batch)
     Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
     if job.machine_rank == 0 and not (Path(cfg.OUTPUT_DIR) / SCHEDULE).is_file():

@@ -371,8 +371,8 @@ def load_benches(dirs):
 
 
 def report_command(args):
-    if args.out and Path(args.out).is_dir():
-        raise UserError(f"--out {args.out}: is a folder; give a file name, e.g. {Path(args.out) / 'table5.md'}")
+    if args.out:
+        atomic.check_output_file(args.out, "--out")
     benches = load_benches(args.dirs)
     text = render(benches, args.format, per_trial=args.per_trial, reference=args.reference)
     if args.out:

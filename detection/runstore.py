@@ -17,6 +17,8 @@ import os
 import time
 from pathlib import Path
 
+from simsiam_transfer.atomic import read_jsonl
+
 STORE = "runs.jsonl"
 
 
@@ -28,11 +30,7 @@ class RunStore:
         """Latest record per trial id, in first-seen order."""
         latest = {}
         if self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by a crash
+            for _, record in read_jsonl(self.path):
                 latest[record["id"]] = record
         return latest
 

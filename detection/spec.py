@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from detection import protocol
+from simsiam_transfer import atomic
 from simsiam_transfer.errors import UserError
 
 SCALINGS = ("faithful", "linear")
@@ -156,9 +157,7 @@ class SweepSpec:
                             ("--slurm-mem-per-gpu", self.executor.slurm_mem_per_gpu_gb)):
             if value < 1:
                 raise UserError(f"{flag} must be >= 1, got {value}")
-        out = Path(self.output_dir)
-        if out.exists() and not out.is_dir():
-            raise UserError(f"--output-dir {out}: exists and is not a folder")
+        atomic.check_output_dir(self.output_dir, "--output-dir")
         self.resolved_benchmark()
 
     def resolved_benchmark(self) -> tuple[str, str]:

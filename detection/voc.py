@@ -5,7 +5,9 @@ flagged; the evaluator ignores them at test time; 1-based pixel indices become 0
 XYXY boxes), with an error naming the file for every malformed annotation.
 """
 
+import re
 from pathlib import Path
+from typing import List, Tuple
 from xml.etree import ElementTree as ET
 
 from simsiam_transfer.errors import UserError
@@ -17,24 +19,40 @@ VOC_CLASSES = (
 )
 
 
-def read_split(root, split):
-    path = Path(root) / "ImageSets" / "Main" / f"{split}.txt"
+def split_path(root, split) -> Path:
+    return Path(root) / "ImageSets" / "Main" / f"{split}.txt"
+
+
+def read_split_lines(root, split) -> List[Tuple[int, str]]:
+    """``(line number, image id)`` of each entry of ``ImageSets/Main/<split>.txt``."""
+    path = split_path(root, split)
     if not path.is_file():
         raise UserError(f"{path}: split file missing; a VOC root needs ImageSets/Main/{split}.txt")
-    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: unreadable split file ({type(exc).__name__})") from None
+    return [(number, line.split()[0]) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def read_split(root, split) -> List[str]:
+    return [file_id for _, file_id in read_split_lines(root, split)]
 
 
 def parse_annotation(xml_path):
-    """Return ``(width, height, [ {name, box (xyxy, 0-based), difficult} ])`` of one XML file."""
+    """Return ``(width, height, [ {name, box (xyxy, 0-based), difficult, line} ])`` of one XML file."""
     try:
-        tree = ET.parse(xml_path)
+        text = Path(xml_path).read_bytes()
+        tree = ET.ElementTree(ET.fromstring(text))
     except (ET.ParseError, OSError) as exc:
         raise UserError(f"{xml_path}: malformed annotation XML ({exc})") from None
+    # ElementTree keeps no line numbers; the n-th <object> tag's line names the record in reports.
+    object_lines = [text.count(b"\n", 0, m.start()) + 1 for m in re.finditer(rb"<object[\s>]", text)]
     try:
         size = tree.find("size")
         width, height = int(size.find("width").text), int(size.find("height").text)
         objects = []
-        for obj in tree.findall("object"):
+        for index, obj in enumerate(tree.findall("object")):
             bnd = obj.find("bndbox")
             x0, y0, x1, y1 = (float(bnd.find(tag).text) for tag in ("xmin", "ymin", "xmax", "ymax"))
             difficult = obj.find("difficult")
@@ -42,6 +60,7 @@ def parse_annotation(xml_path):
                 "name": obj.find("name").text.strip(),
                 "box": [x0 - 1.0, y0 - 1.0, x1, y1],
                 "difficult": int(difficult.text) if difficult is not None else 0,
+                "line": object_lines[index] if index < len(object_lines) else None,
             })
     except (AttributeError, TypeError, ValueError) as exc:
         raise UserError(f"{xml_path}: annotation lacks a required field or has a non-number ({exc})") from None

@@ -5,6 +5,7 @@ Every ablation of the paper is a key here (see README, "Paper ablations").
 
 import math
 
+from simsiam_transfer.atomic import check_output_dir
 from simsiam_transfer.config import CfgNode as CN
 from simsiam_transfer.config import load
 from simsiam_transfer.errors import UserError
@@ -19,6 +20,7 @@ _C.DATA.KNN_TRAIN_DIR = ""    # optional labeled ImageFolder for the kNN monitor
 _C.DATA.KNN_VAL_DIR = ""
 _C.DATA.IMAGE_SIZE = 224      # crop size of both views
 _C.DATA.NUM_WORKERS = 8       # per process
+_C.DATA.CHECK_IMAGES = "auto" # decode TRAIN_DIR before OUTPUT_DIR is written: auto (<= 50k images) / always / never
 _C.DATA.MIN_SCALE = 0.2       # RandomResizedCrop scale lower bound (official: 0.2)
 
 _C.MODEL = CN()
@@ -76,6 +78,7 @@ CHOICES = {
     "MODEL.SIMILARITY": ("cosine", "cross_entropy"),
     "MODEL.TARGET": ("siamese", "moving_average"),
     "LINEAR.OPTIMIZER": ("lars", "sgd"),
+    "DATA.CHECK_IMAGES": ("auto", "always", "never"),
 }
 
 
@@ -97,6 +100,10 @@ def validate(cfg, source="config"):
         section, name = key.split(".")
         if not math.isfinite(cfg[section][name]):
             raise UserError(f"{source}: {key} must be finite, got {cfg[section][name]}")
+    if cfg.DATA.NUM_WORKERS < 0:
+        raise UserError(f"{source}: DATA.NUM_WORKERS must be >= 0 (0 loads in the main process), "
+                        f"got {cfg.DATA.NUM_WORKERS}")
+    check_output_dir(cfg.OUTPUT_DIR, "OUTPUT_DIR")
     if cfg.MODEL.PROJ_LAYERS not in (2, 3):
         raise UserError(f"{source}: MODEL.PROJ_LAYERS must be 2 or 3, got {cfg.MODEL.PROJ_LAYERS}")
     if not 0.0 <= cfg.MODEL.TARGET_MOMENTUM < 1.0:

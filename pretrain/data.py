@@ -1,15 +1,20 @@
-"""Image folders and SimSiam's two-view augmentation (the official MoCo v2 recipe)."""
+"""Image folders and SimSiam's two-view augmentation (the official MoCo v2 recipe).
+
+Bad images: ``check_train_images`` decodes the folder before any output is written; during
+training an image that fails to decode stops the run at once with one line naming it.
+"""
 
 import random
 from pathlib import Path
+from typing import List, Optional, Tuple
 
 import torch
-from PIL import Image, ImageFilter
+from PIL import ImageFilter
 from torchvision import transforms
 
 from simsiam_transfer.errors import UserError
+from simsiam_transfer.images import AUTO_SCAN_LIMIT, ImageScan, list_images, open_rgb, scan_files
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -46,22 +51,31 @@ def eval_transform(size=224):
     ])
 
 
-def list_images(root, key="DATA.TRAIN_DIR"):
-    root = Path(root) if root else None
-    if root is None or not root.is_dir():
-        raise UserError(f"{key} {str(root) if root else '(empty)'}: not a folder; point it at a folder of images")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    if not files:
-        raise UserError(f"{key} {root}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found")
-    return files
-
-
-def _open_rgb(path):
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read image ({exc})") from None
+def check_train_images(files, cfg, dist=None) -> Optional[ImageScan]:
+    """Decode every training image before OUTPUT_DIR is written (DATA.CHECK_IMAGES); each rank scans
+    its share, all ranks refuse together with one line. Returns the scan, or None when skipped."""
+    policy, root = cfg.DATA.CHECK_IMAGES, cfg.DATA.TRAIN_DIR
+    main = dist is None or dist.is_main
+    if policy == "never" or (policy == "auto" and len(files) > AUTO_SCAN_LIMIT):
+        if main and policy == "auto":
+            print(f"image check skipped: {len(files)} images in DATA.TRAIN_DIR, over {AUTO_SCAN_LIMIT:,} "
+                  "(DATA.CHECK_IMAGES always runs it; an unreadable image will stop training by name)", flush=True)
+        return None
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    scan = scan_files(files[rank::world], cfg.DATA.NUM_WORKERS)
+    if world > 1:
+        shares: List[List[Tuple[str, str, str]]] = [[] for _ in range(world)]
+        torch.distributed.all_gather_object(shares, scan.problems)
+        scan.problems = sorted(p for share in shares for p in share)
+    if scan.problems:
+        path, kind, detail = scan.problems[0]
+        raise UserError(f"DATA.TRAIN_DIR {root}: {len(scan.problems)} of {len(files)} images cannot be used, "
+                        f"first {path}: {kind} ({detail}); run `simsiam-transfer data check --images {root}` "
+                        "for the list, then remove or fix them")
+    if main:
+        print(f"checked {len(files)} images in DATA.TRAIN_DIR in {scan.seconds:.1f} s "
+              f"({scan.workers} worker(s)): all decode", flush=True)
+    return scan
 
 
 class TwoViewDataset(torch.utils.data.Dataset):
@@ -75,7 +89,7 @@ class TwoViewDataset(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, index):
-        img = _open_rgb(self.files[index])
+        img = open_rgb(self.files[index])
         return self.transform(img), self.transform(img), index
 
 
@@ -98,4 +112,4 @@ class LabeledFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         path, label = self.samples[index]
-        return self.transform(_open_rgb(path)), label
+        return self.transform(open_rgb(path)), label

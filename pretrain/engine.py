@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from pretrain import checkpoint
-from pretrain.data import LabeledFolder, TwoViewDataset, eval_transform, simsiam_augmentation
+from pretrain.data import LabeledFolder, TwoViewDataset, check_train_images, eval_transform, simsiam_augmentation
 from pretrain.distributed import cleanup, init_distributed
 from pretrain.hooks import HookBase, default_hooks, write_metrics_file  # noqa: F401 (linear.py reuses it)
 from pretrain.loss import simsiam_loss
@@ -159,6 +159,7 @@ class Pretrainer:
         if len(self.dataset) < cfg.SOLVER.BATCH_SIZE:
             raise UserError(f"DATA.TRAIN_DIR {cfg.DATA.TRAIN_DIR}: {len(self.dataset)} images, fewer than one "
                             f"batch (SOLVER.BATCH_SIZE {cfg.SOLVER.BATCH_SIZE}); lower the batch size")
+        check_train_images(self.dataset.files, cfg, self.dist)
         self.knn_sets = knn_folders(cfg)
         self.sampler: DistributedSampler = DistributedSampler(self.dataset, num_replicas=self.dist.world_size,
                                           rank=self.dist.rank, shuffle=True, seed=cfg.SEED, drop_last=True)

@@ -224,6 +224,7 @@ class JsonWriter(HookBase):
     def before_train(self):
         t = self.trainer
         t.out.mkdir(parents=True, exist_ok=True)
+        atomic.remove_stale_tmp(t.out)  # half-written files of a killed run's atomic writes
         atomic.write_text(t.out / "config.yaml", t.cfg.dump())
         if t.history:
             write_metrics_file(t.out, t.history)

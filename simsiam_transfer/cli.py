@@ -31,6 +31,10 @@ def _make_synthetic(args):
 
 def _data_check(args):
     from detection.data_check import data_check_command
+    from simsiam_transfer.images import default_workers
+
+    if args.workers is None:
+        args.workers = default_workers()
 
     return data_check_command(args)
 
@@ -117,12 +121,15 @@ def build_parser():
     p.add_argument("--num-unlabeled", type=int, default=256, help="unlabeled pretraining images")
     p.add_argument("--image-size", type=int, default=128)
     p.set_defaults(func=_make_synthetic)
-    p = data_sub.add_parser("check", help="validate a VOC root or a COCO json + image folder")
+    p = data_sub.add_parser("check", help="validate a VOC root, a COCO json + image folder, or an image folder")
     p.add_argument("--voc", metavar="ROOT", help="VOC root holding JPEGImages/, Annotations/, ImageSets/Main/")
     p.add_argument("--split", default=None, help="VOC split(s) to check, comma-separated (default: all found)")
     p.add_argument("--classes", help="comma-separated class names (default: the 20 VOC classes)")
     p.add_argument("--coco", metavar="JSON", help="COCO instances json")
     p.add_argument("--image-root", help="image folder of the COCO json")
+    p.add_argument("--images", metavar="DIR", help="pretraining image folder: decode every image, list bad ones")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes reading images (default: CPU cores, at most 8; 0 = this process)")
     p.add_argument("--json", dest="json_out", metavar="FILE", help="also write the report as JSON")
     p.set_defaults(func=_data_check)
 

@@ -43,6 +43,8 @@ def _yaml_error_line(path, exc) -> str:
     """One line for a YAML error: a refused tag names the tag, a syntax error its position."""
     problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
     mark = getattr(exc, "problem_mark", None)
+    if mark is not None and getattr(mark, "name", "")[:1] not in ("", "<"):
+        path = mark.name  # the file of the _BASE_ chain that holds the problem
     where = f" (line {mark.line + 1})" if mark is not None else ""
     if isinstance(exc, yaml.constructor.ConstructorError):
         tag = problem.split("tag", 1)[-1].strip(" '").replace("tag:yaml.org,2002:", "!!")
