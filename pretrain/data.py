@@ -1,5 +1,6 @@
 """Image folders and SimSiam's two-view augmentation (the official MoCo v2 recipe)."""
 
+import math
 import random
 from pathlib import Path
 
@@ -56,10 +57,26 @@ def list_images(root, key="DATA.TRAIN_DIR"):
     return files
 
 
-def _open_rgb(path):
+def draft_side(transform) -> int:
+    """Smallest source side at which every output of ``transform`` still comes from at least its own
+    number of pixels (RandomResizedCrop's smallest, narrowest crop; Resize's short side); 0 if unknown.
+    A JPEG may then decode at 1/2, 1/4 or 1/8 scale (``Image.draft``) without changing what a crop sees."""
+    for t in getattr(transform, "transforms", [transform]):
+        if isinstance(t, transforms.RandomResizedCrop):
+            narrowest = math.sqrt(t.scale[0] * min(t.ratio[0], 1 / t.ratio[1]))
+            return math.ceil(max(t.size) / narrowest)
+        if isinstance(t, transforms.Resize) and isinstance(t.size, int):
+            return t.size
+    return 0
+
+
+def _open_rgb(path, min_side=0):
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            if min_side and img.format == "JPEG":
+                img.draft("RGB", (min_side, min_side))  # DCT-domain downscale: most of the decode time
+            img.load()
+            return img if img.mode == "RGB" else img.convert("RGB")  # RGB already: no copy
     except OSError as exc:
         raise UserError(f"{path}: cannot read image ({exc})") from None
 
@@ -70,12 +87,13 @@ class TwoViewDataset(torch.utils.data.Dataset):
     def __init__(self, root, transform):
         self.files = list_images(root)
         self.transform = transform
+        self.min_side = draft_side(transform)
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, index):
-        img = _open_rgb(self.files[index])
+        img = _open_rgb(self.files[index], self.min_side)
         return self.transform(img), self.transform(img), index
 
 
@@ -92,10 +110,11 @@ class LabeledFolder(torch.utils.data.Dataset):
         self.samples = [(f, i) for i, c in enumerate(self.classes) if (root / c).is_dir()
                         for f in list_images(root / c, key)]
         self.transform = transform
+        self.min_side = draft_side(transform)
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, index):
         path, label = self.samples[index]
-        return self.transform(_open_rgb(path)), label
+        return self.transform(_open_rgb(path, self.min_side)), label
