@@ -9,10 +9,12 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
-REPO = Path(__file__).resolve().parent.parent
-# Scripts run as ``python benchmarks/X.py`` from a fresh clone: make the project importable.
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+# Scripts run as ``python benchmarks/X.py`` from a fresh clone: the project must be importable, and
+# benchmarks/convert.py must not shadow the ``convert`` package once this module is loaded.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+sys.path.insert(0, str(REPO))
 
 
 def cpu_model() -> str:
