@@ -71,7 +71,8 @@ def mini_cfg(data: Path, out: Path, workers: int, amp: bool):
                            "DATA.NUM_WORKERS", workers, "SOLVER.AMP", amp, "OUTPUT_DIR", str(out)])
 
 
-def measure_workers(data: Path, work: Path, workers: int, rounds: int, amp: bool, sync_ms: float) -> dict:
+def measure_workers(data: Path, work: Path, workers: int, rounds: int, warmup: int, amp: bool,
+                    sync_ms: float) -> dict:
     trainer = Pretrainer(mini_cfg(data, work / f"w{workers}", workers, amp))
     real_loader = trainer.loader
     steps = len(real_loader)
@@ -86,7 +87,7 @@ def measure_workers(data: Path, work: Path, workers: int, rounds: int, amp: bool
         trainer.loader = batches
         trainer.train_one_epoch(next(epoch))
 
-    wall, cpu = interleaved({"e2e": e2e, "bare": bare}, rounds, steps=1, warmup=1)
+    wall, cpu = interleaved({"e2e": e2e, "bare": bare}, rounds, steps=1, warmup=warmup)
     batch = trainer.per_process_batch
     knn_start = time.perf_counter()
     trainer.knn_top1()
@@ -110,6 +111,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", default="0,1,2", help="DATA.NUM_WORKERS values to compare")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed epochs of each kind first")
     parser.add_argument("--image-px", type=int, default=128, help="side of the generated JPEGs (demo: 128)")
     parser.add_argument("--amp", action="store_true", help="SOLVER.AMP True (bf16 on CPU once the engine has it)")
     parser.add_argument("--workdir", help="scratch folder (default: a temporary one)")
@@ -122,11 +124,12 @@ def main(argv=None):
         cfg = mini_cfg(data, work / "probe", 0, args.amp)
         record = {"benchmark": "pretrain_e2e", "machine": machine(), "config": MINI,
                   "images": len(list_images(data / "unlabeled")), "image_px": args.image_px, "amp": args.amp,
+                  "rounds": args.rounds, "warmup_epochs": args.warmup,
                   "data_ms_per_img": data_costs(data / "unlabeled", cfg.DATA.IMAGE_SIZE, cfg.DATA.MIN_SCALE),
                   "sync_ms_per_step": sync_cost(cfg.SOLVER.BATCH_SIZE, cfg.MODEL.DIM),
                   "num_workers": {}}
         for workers in (int(w) for w in args.workers.split(",")):
-            record["num_workers"][str(workers)] = measure_workers(data, work, workers, args.rounds, args.amp,
+            record["num_workers"][str(workers)] = measure_workers(data, work, workers, args.rounds, args.warmup, args.amp,
                                                                        record["sync_ms_per_step"])
     emit(record)
 
