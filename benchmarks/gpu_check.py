@@ -12,7 +12,6 @@ generated one, upscaled by detectron2's resize to the paper's input sizes.
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys

@@ -4,6 +4,7 @@ Bad images: ``check_train_images`` decodes the folder before any output is writt
 training an image that fails to decode stops the run at once with one line naming it.
 """
 
+import math
 import random
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -78,18 +79,32 @@ def check_train_images(files, cfg, dist=None) -> Optional[ImageScan]:
     return scan
 
 
+def draft_side(transform) -> int:
+    """Smallest source side at which every output of ``transform`` still comes from at least its own
+    number of pixels (RandomResizedCrop's smallest, narrowest crop; Resize's short side); 0 if unknown.
+    A JPEG may then decode at 1/2, 1/4 or 1/8 scale (``Image.draft``) without changing what a crop sees."""
+    for t in getattr(transform, "transforms", [transform]):
+        if isinstance(t, transforms.RandomResizedCrop):
+            narrowest = math.sqrt(t.scale[0] * min(t.ratio[0], 1 / t.ratio[1]))
+            return math.ceil(max(t.size) / narrowest)
+        if isinstance(t, transforms.Resize) and isinstance(t.size, int):
+            return t.size
+    return 0
+
+
 class TwoViewDataset(torch.utils.data.Dataset):
     """Unlabeled images -> (view1, view2, index); the index serves the Sec. 5.2 target memory."""
 
     def __init__(self, root, transform):
         self.files = list_images(root)
         self.transform = transform
+        self.min_side = draft_side(transform)
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, index):
-        img = open_rgb(self.files[index])
+        img = open_rgb(self.files[index], self.min_side)
         return self.transform(img), self.transform(img), index
 
 
@@ -106,10 +121,11 @@ class LabeledFolder(torch.utils.data.Dataset):
         self.samples = [(f, i) for i, c in enumerate(self.classes) if (root / c).is_dir()
                         for f in list_images(root / c, key)]
         self.transform = transform
+        self.min_side = draft_side(transform)
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, index):
         path, label = self.samples[index]
-        return self.transform(open_rgb(path)), label
+        return self.transform(open_rgb(path, self.min_side)), label

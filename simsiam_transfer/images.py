@@ -58,8 +58,9 @@ def _oversize(size: Tuple[int, int]) -> Optional[str]:
     return None
 
 
-def _open_checked(path, decode: bool, mode: Optional[str] = None):
-    """Open ``path``: its size from the header, or decoded fully (``decode``), or converted to ``mode``.
+def _open_checked(path, decode: bool, mode: Optional[str] = None, min_side: int = 0):
+    """Open ``path``: its size from the header, or decoded fully (``decode``), or converted to ``mode``
+    (a JPEG decoded at the smallest DCT scale whose sides stay >= ``min_side``).
 
     Raises ``_Problem(kind, detail)`` for anything a training run could not use.
     """
@@ -75,6 +76,8 @@ def _open_checked(path, decode: bool, mode: Optional[str] = None):
                 if too_big:
                     raise _Problem("oversize image", too_big)
                 if mode is not None:
+                    if min_side and img.format == "JPEG":
+                        img.draft(mode, (min_side, min_side))  # DCT-domain downscale: most of the decode time
                     return img.convert(mode)
                 if decode:
                     # JPEG decodes at 1/8 scale here: every byte is still read, a tenth of the work.
@@ -131,10 +134,11 @@ def image_size(path) -> Tuple[Optional[Tuple[int, int]], Optional[Tuple[str, str
         return None, (problem.kind, problem.detail)
 
 
-def open_rgb(path) -> Image.Image:
-    """The decoded RGB image for training; any problem stops the run with one line naming the file."""
+def open_rgb(path, min_side: int = 0) -> Image.Image:
+    """The decoded RGB image for training (see ``_open_checked`` for ``min_side``); any problem stops
+    the run with one line naming the file."""
     try:
-        return _open_checked(path, decode=True, mode="RGB")
+        return _open_checked(path, decode=True, mode="RGB", min_side=min_side)
     except _Problem as problem:
         raise UnreadableImage(f"{path}: {problem.kind} ({problem.detail}); remove or replace it "
                               f"(`simsiam-transfer data check --images {Path(path).parent}` lists every bad file)") from None

@@ -80,26 +80,26 @@ def test_a_typo_in_a_row_costs_nothing(tmp_path):
 
 def test_pipeline_pretrains_under_torchrun_then_resumes(tmp_path):
     """Two CPU processes pretrain (gloo DDP), then convert, bench and report run once."""
-    path = _write(tmp_path, f"""DATA: {{SYNTHETIC: True}}
-PRETRAIN: {{NPROC_PER_NODE: 2}}
+    path = _write(tmp_path, """DATA: {SYNTHETIC: True}
+PRETRAIN: {NPROC_PER_NODE: 2}
 ROWS:
   simsiam:
     NAME: "SimSiam R18 (mini)"
     PRETRAIN:
       CONFIG: "pretrain/simsiam_R_18_mini.yaml"
       CFG:
-        SOLVER: {{EPOCHS: 1, BATCH_SIZE: 32, MAX_ITERS_PER_EPOCH: 2}}
-        DATA: {{IMAGE_SIZE: 32, NUM_WORKERS: 0}}
-  scratch: {{NAME: "scratch", WEIGHTS: "none"}}
+        SOLVER: {EPOCHS: 1, BATCH_SIZE: 32, MAX_ITERS_PER_EPOCH: 2}
+        DATA: {IMAGE_SIZE: 32, NUM_WORKERS: 0}
+  scratch: {NAME: "scratch", WEIGHTS: "none"}
 BENCH:
   GPUS_PER_TRIAL: 0
   BENCHMARKS: ["coco_1x_mini"]
   LRS: [0.02]
   TRIALS: 2
-  TRIALS_PER_BENCHMARK: {{coco_1x_mini: 1}}
+  TRIALS_PER_BENCHMARK: {coco_1x_mini: 1}
   CFG:
-    SOLVER: {{MAX_ITER: 4, STEPS: [3], WARMUP_ITERS: 2, CHECKPOINT_PERIOD: 2}}
-    TEST: {{PRECISE_BN: {{NUM_ITER: 2}}}}
+    SOLVER: {MAX_ITER: 4, STEPS: [3], WARMUP_ITERS: 2, CHECKPOINT_PERIOD: 2}
+    TEST: {PRECISE_BN: {NUM_ITER: 2}}
 """)
     out = tmp_path / "out"
     proc = run_cli("pipeline", "--config", path, "OUTPUT_DIR", out, cwd=REPO)

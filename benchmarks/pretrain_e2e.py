@@ -1,0 +1,138 @@
+"""Pretraining end to end: the engine's epochs with real loading against the same engine on
+pre-loaded batches (the bare step), and where the difference goes (one JSON line).
+
+    python benchmarks/pretrain_e2e.py                       # mini recipe, generated 128-px JPEGs
+    python benchmarks/pretrain_e2e.py --workers 0,1 --rounds 4 --image-px 384
+
+Generates the mini recipe's data (``make_synthetic``: 256 unlabeled images = 4 steps of 64, the
+labeled kNN folders), then for each DATA.NUM_WORKERS builds the engine's ``Pretrainer`` for the
+mini recipe and times, in interleaved rounds, one epoch with its DataLoader (``e2e``) and one epoch
+whose loader is a list of already-augmented batches (``bare``: the engine's step and its per-step
+work, no loading). Also reported, measured by timing each phase alone:
+  data_ms_per_img   decode, and the two-view augmentation, in the main process
+  sync_ms_per_step  the engine's per-step host work on a batch's outputs: finite check, loss and
+                    z_std ``.item()`` (on CPU an ``.item()`` waits for nothing; its cost is the work it forces)
+  knn_s             the kNN monitor once (the mini recipe runs it every epoch)
+"""
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import _common  # noqa: F401  (puts the repository on sys.path)
+from _common import emit, interleaved, machine, median, paired_ratio
+
+from pretrain.config import load_cfg
+from pretrain.data import TwoViewDataset, list_images, simsiam_augmentation
+from pretrain.engine import Pretrainer
+from pretrain.loss import normalized_std
+
+MINI = "pretrain/simsiam_R_18_mini.yaml"
+
+
+def data_costs(train_dir: Path, size: int, min_scale: float, limit: int = 64) -> dict:
+    """Main-process ms per image: the dataset's item (decode + two views), and the two views alone."""
+    from PIL import Image
+
+    dataset = TwoViewDataset(train_dir, simsiam_augmentation(size, min_scale))
+    n = min(limit, len(dataset))
+    start = time.perf_counter()
+    for i in range(n):
+        dataset[i]
+    item = (time.perf_counter() - start) / n
+    images = [Image.open(f).convert("RGB") for f in dataset.files[:n]]
+    start = time.perf_counter()
+    for img in images:
+        dataset.transform(img), dataset.transform(img)
+    augment = (time.perf_counter() - start) / n
+    return {"item": round(1000 * item, 2), "augment_two_views": round(1000 * augment, 2),
+            "decode": round(1000 * (item - augment), 2), "source_px": list(images[0].size)}
+
+
+def sync_cost(batch: int, dim: int, reps: int = 50) -> float:
+    """ms per step of the engine's per-step host work on outputs shaped like one batch's."""
+    z = torch.randn(batch, dim)
+    loss = -(torch.nn.functional.normalize(z, dim=1) ** 2).sum(1).mean()
+    start = time.perf_counter()
+    for _ in range(reps):
+        bool(torch.isfinite(loss.detach()).item())
+        loss.item()
+        normalized_std(z).item()
+    return round(1000 * (time.perf_counter() - start) / reps, 3)
+
+
+def mini_cfg(data: Path, out: Path, workers: int, amp: bool):
+    return load_cfg(MINI, ["DATA.TRAIN_DIR", str(data / "unlabeled"),
+                           "DATA.KNN_TRAIN_DIR", str(data / "labeled/train"),
+                           "DATA.KNN_VAL_DIR", str(data / "labeled/val"),
+                           "DATA.NUM_WORKERS", workers, "SOLVER.AMP", amp, "OUTPUT_DIR", str(out)])
+
+
+def measure_workers(data: Path, work: Path, workers: int, rounds: int, warmup: int, amp: bool,
+                    sync_ms: float) -> dict:
+    trainer = Pretrainer(mini_cfg(data, work / f"w{workers}", workers, amp))
+    real_loader = trainer.loader
+    steps = len(real_loader)
+    batches = [batch for _, batch in zip(range(steps), real_loader)]
+    epoch = iter(range(1_000_000))
+
+    def e2e():
+        trainer.loader = real_loader
+        trainer.train_one_epoch(next(epoch))
+
+    def bare():
+        trainer.loader = batches
+        trainer.train_one_epoch(next(epoch))
+
+    wall, cpu = interleaved({"e2e": e2e, "bare": bare}, rounds, steps=1, warmup=warmup)
+    batch = trainer.per_process_batch
+    knn_start = time.perf_counter()
+    trainer.knn_top1()
+    knn_s = time.perf_counter() - knn_start
+    e2e_s, bare_s = median(wall["e2e"]), median(wall["bare"])
+    result = {
+        "steps_per_epoch": steps, "batch": batch,
+        "img_per_s": {"e2e": round(steps * batch / e2e_s, 1), "bare": round(steps * batch / bare_s, 1)},
+        "ratio_e2e_vs_bare": paired_ratio(wall["bare"], wall["e2e"]),
+        "loading_share_of_e2e": round(1 - bare_s / e2e_s, 3),
+        "sync_share_of_bare": round(sync_ms * steps / 1000 / bare_s, 4),
+        "knn_s": round(knn_s, 2),
+        "knn_share_of_epoch_plus_knn": round(knn_s / (knn_s + e2e_s), 3),
+        "main_process_cpu_s_per_epoch": {k: round(median(v), 2) for k, v in cpu.items()},
+    }
+    del trainer, real_loader
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", default="0,1,2", help="DATA.NUM_WORKERS values to compare")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed epochs of each kind first")
+    parser.add_argument("--image-px", type=int, default=128, help="side of the generated JPEGs (demo: 128)")
+    parser.add_argument("--amp", action="store_true", help="SOLVER.AMP True (bf16 on CPU once the engine has it)")
+    parser.add_argument("--workdir", help="scratch folder (default: a temporary one)")
+    args = parser.parse_args(argv)
+    from simsiam_transfer.synthetic import make_synthetic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.workdir or tmp)
+        data = make_synthetic(work / "data", num_train=4, num_test=4, image_size=args.image_px)
+        cfg = mini_cfg(data, work / "probe", 0, args.amp)
+        record = {"benchmark": "pretrain_e2e", "machine": machine(), "config": MINI,
+                  "images": len(list_images(data / "unlabeled")), "image_px": args.image_px, "amp": args.amp,
+                  "rounds": args.rounds, "warmup_epochs": args.warmup,
+                  "data_ms_per_img": data_costs(data / "unlabeled", cfg.DATA.IMAGE_SIZE, cfg.DATA.MIN_SCALE),
+                  "sync_ms_per_step": sync_cost(cfg.SOLVER.BATCH_SIZE, cfg.MODEL.DIM),
+                  "num_workers": {}}
+        for workers in (int(w) for w in args.workers.split(",")):
+            record["num_workers"][str(workers)] = measure_workers(data, work, workers, args.rounds, args.warmup, args.amp,
+                                                                       record["sync_ms_per_step"])
+    emit(record)
+
+
+if __name__ == "__main__":
+    main()
