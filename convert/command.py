@@ -6,7 +6,7 @@ from pathlib import Path
 
 from convert.d2_format import detectron2_payload, write_detectron2_pkl
 from convert.rename import rename_state_dict
-from convert.sources import extract_backbone
+from simsiam_transfer.checkpoints import extract_backbone
 from convert.verify import near_identity_warnings, residual_scale_stats, verify_detectron2_payload
 from simsiam_transfer import atomic
 from simsiam_transfer.errors import UserError

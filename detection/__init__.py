@@ -7,4 +7,4 @@ whenever detectron2 is importable, so configs that name it always build.
 import importlib.util
 
 if importlib.util.find_spec("detectron2") is not None:
-    from detection import heads  # noqa: F401  (registers Res5ROIHeadsExtraNorm)
+    from simsiam_transfer import c4  # noqa: F401  (registers Res5ROIHeadsExtraNorm)

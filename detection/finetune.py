@@ -22,6 +22,7 @@ import torch
 from detection import batch_policy, protocol
 from detection.spec import FinetuneJob, finetune_job_from_args
 from simsiam_transfer import atomic
+from simsiam_transfer.c4 import check_weights_cover_model
 from simsiam_transfer.config import merge_file, merge_overrides, resolve_config
 from simsiam_transfer.errors import TrainingDiverged, UserError
 from simsiam_transfer.versions import library_versions
@@ -48,7 +49,6 @@ def build_cfg(job, cuda=None):
 
     ``cuda``: plan as if GPUs are (True) or are not (False) there; default: whether they are.
     """
-    import detection  # noqa: F401  (registers the ExtraNorm head)
     from detectron2.config import get_cfg
 
     cfg = get_cfg()
@@ -110,8 +110,6 @@ def preflight(job, cuda=None):
             raise UserError(f"dataset {name!r} has {len(classes)} classes but MODEL.ROI_HEADS.NUM_CLASSES "
                             f"is {cfg.MODEL.ROI_HEADS.NUM_CLASSES}; override it to match")
     if job.weights != "none":
-        from convert.verify import check_weights_cover_model
-
         check_weights_cover_model(job.weights, cfg)
     if cfg.SEED < 0:
         seed = random.SystemRandom().randrange(2**31)

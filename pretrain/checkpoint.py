@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from simsiam_transfer import atomic
+from simsiam_transfer.checkpoints import describe_load_error
 from simsiam_transfer.errors import UserError
 from simsiam_transfer.versions import library_versions
 
@@ -113,8 +114,6 @@ def load(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        from convert.sources import describe_load_error
-
         raise UserError(f"{path}: unreadable checkpoint ({describe_load_error(exc)}); move it away "
                         "to resume from an earlier numbered checkpoint, or use a new OUTPUT_DIR") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:

@@ -9,6 +9,7 @@ from simsiam_transfer.atomic import check_output_dir
 from simsiam_transfer.config import CfgNode as CN
 from simsiam_transfer.config import load
 from simsiam_transfer.errors import UserError
+from simsiam_transfer.resnet import PRETRAIN_BACKBONES
 
 _C = CN()
 _C.SEED = 0
@@ -72,7 +73,7 @@ def get_cfg():
 
 
 CHOICES = {
-    "MODEL.BACKBONE": ("resnet18", "resnet34", "resnet50", "resnet101"),
+    "MODEL.BACKBONE": PRETRAIN_BACKBONES,
     "MODEL.PREDICTOR": ("mlp", "none", "fixed_random"),
     "MODEL.HEAD_BN": ("none", "hidden", "default", "all"),
     "MODEL.SIMILARITY": ("cosine", "cross_entropy"),

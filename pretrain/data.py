@@ -14,10 +14,9 @@ from PIL import ImageFilter
 from torchvision import transforms
 
 from simsiam_transfer.errors import UserError
+from simsiam_transfer.resnet import IMAGENET_MEAN, IMAGENET_STD
 from simsiam_transfer.images import AUTO_SCAN_LIMIT, ImageScan, list_images, open_rgb, scan_files
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class RandomGaussianBlur:

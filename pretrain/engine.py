@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from pretrain import checkpoint
 from pretrain.data import LabeledFolder, TwoViewDataset, check_train_images, eval_transform, simsiam_augmentation
 from pretrain.distributed import cleanup, init_distributed
-from pretrain.hooks import HookBase, default_hooks, write_metrics_file  # noqa: F401 (linear.py reuses it)
+from pretrain.hooks import HookBase, default_hooks
 from pretrain.loss import simsiam_loss
 from pretrain.model import build_model
 from pretrain.schedule import initial_lr

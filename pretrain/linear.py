@@ -16,12 +16,15 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 from tqdm import tqdm
 
-from pretrain.data import IMAGENET_MEAN, IMAGENET_STD, LabeledFolder, eval_transform
-from pretrain.engine import seed_everything, write_metrics_file
+from pretrain.data import LabeledFolder, eval_transform
+from pretrain.engine import seed_everything
+from pretrain.hooks import write_metrics_file
 from pretrain.model import SimSiam
 from pretrain.schedule import apply_lr, initial_lr, lr_at_epoch
 from simsiam_transfer import atomic
+from simsiam_transfer.checkpoints import extract_backbone
 from simsiam_transfer.errors import UserError
+from simsiam_transfer.resnet import IMAGENET_MEAN, IMAGENET_STD
 
 
 class LARS(torch.optim.Optimizer):
@@ -47,8 +50,6 @@ class LARS(torch.optim.Optimizer):
 
 def load_frozen_backbone(path, cfg):
     """A SimSiam backbone from our (or the official) checkpoint, frozen, in eval mode."""
-    from convert.sources import extract_backbone
-
     backbone, info = extract_backbone(path)
     depth = int(cfg.MODEL.BACKBONE.replace("resnet", ""))
     if info["depth"] != depth:

@@ -8,7 +8,7 @@ import torch
 import torchvision
 from torch import nn
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+from simsiam_transfer.resnet import PRETRAIN_BACKBONES
 
 
 def _bn_flags(head_bn):
@@ -72,8 +72,8 @@ class SimSiam(nn.Module):
     def __init__(self, backbone="resnet50", dim=2048, pred_dim=512, proj_layers=3, predictor="mlp",
                  head_bn="default", zero_init_residual=True, proj_hidden_dim=None):
         super().__init__()
-        if backbone not in BACKBONES:
-            raise ValueError(f"backbone {backbone!r} not in {BACKBONES}")
+        if backbone not in PRETRAIN_BACKBONES:
+            raise ValueError(f"backbone {backbone!r} not in {PRETRAIN_BACKBONES}")
         self.encoder = getattr(torchvision.models, backbone)(
             weights=None, num_classes=dim, zero_init_residual=zero_init_residual)
         width = self.encoder.fc.in_features

@@ -9,9 +9,9 @@ import logging
 import sys
 import warnings
 
+from simsiam_transfer.checkpoints import SOURCES
 from simsiam_transfer.errors import TrainingDiverged, UserError
 
-SOURCE_NAMES = ("simsiam-transfer", "simsiam", "moco", "byol", "torchvision")
 
 
 def _doctor(args):
@@ -153,7 +153,7 @@ def build_parser():
     p.add_argument("input", help="pretraining checkpoint (.pth / .pth.tar)")
     p.add_argument("output", help="output file (.pkl for detectron2, .pth for torchvision)")
     p.add_argument("--format", choices=("detectron2", "torchvision"), default="detectron2")
-    p.add_argument("--source", choices=("auto", *SOURCE_NAMES), default="auto",
+    p.add_argument("--source", choices=("auto", *SOURCES), default="auto",
                    help="input layout; auto-detected from key names by default")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the detectron2 load and feature-equivalence check")

@@ -765,7 +765,7 @@ def test_killed_convert_leaves_no_tmp_after_the_next_run(tmp_path):
     rerun = run_cli("convert", src, out, "--no-verify")
     assert rerun.returncode == 0, rerun.stderr
     assert not list(tmp_path.glob(".*.tmp"))
-    from convert.d2_format import read_detectron2_pkl
+    from simsiam_transfer.checkpoints import read_detectron2_pkl
 
     assert "res5.2.conv3.weight" in read_detectron2_pkl(out)["model"]
 

@@ -10,11 +10,10 @@ import torchvision
 
 from conftest import run_cli, torchvision_state
 from convert.command import convert_checkpoint
-from convert.d2_format import read_detectron2_pkl
+from simsiam_transfer.checkpoints import read_detectron2_pkl
 from convert.rename import rename_torchvision_to_detectron2
-from convert.sources import SOURCES
+from simsiam_transfer.checkpoints import SOURCES
 from convert.verify import VerificationError, verify_detectron2_payload
-from simsiam_transfer.cli import SOURCE_NAMES
 from simsiam_transfer.errors import UserError
 
 
@@ -28,10 +27,6 @@ from simsiam_transfer.errors import UserError
 ])
 def test_rename_torchvision_to_detectron2(tv, d2):
     assert rename_torchvision_to_detectron2(tv) == d2
-
-
-def test_cli_source_choices_match_the_converter():
-    assert set(SOURCE_NAMES) == set(SOURCES)
 
 
 def _checkpoint(source, depth):

@@ -263,7 +263,7 @@ def test_extra_norm_registered_by_importing_the_package():
     import detection  # noqa: F401
     from detectron2.modeling import ROI_HEADS_REGISTRY
 
-    assert ROI_HEADS_REGISTRY.get("Res5ROIHeadsExtraNorm").__module__ == "detection.heads"
+    assert ROI_HEADS_REGISTRY.get("Res5ROIHeadsExtraNorm").__module__ == "simsiam_transfer.c4"
 
 
 def test_finetune_on_broken_data_is_one_clear_error(synthetic, r18_pkl, tmp_path, capsys):

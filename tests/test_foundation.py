@@ -88,7 +88,7 @@ def test_wheel_ships_configs_as_package_data(tmp_path):
     for rel in ("detection/Base-RCNN-C4-BN.yaml", "detection/PascalVOC-Detection/faster_rcnn_R_50_C4_voc07.yaml",
                 "pretrain/simsiam_R_18_mini.yaml", "pipeline/mini.yaml"):
         assert f"simsiam_transfer/configs/{rel}" in names
-    assert "detection/heads.py" in names and "pretrain/engine.py" in names and "convert/verify.py" in names
+    assert "simsiam_transfer/c4.py" in names and "pretrain/engine.py" in names and "convert/verify.py" in names
     # A non-editable install (no checkout beside it) finds the shipped configs.
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),

@@ -1,4 +1,5 @@
-"""Read a pretraining checkpoint, recognise its layout, and extract a torchvision-named ResNet.
+"""Safe checkpoint reading for every stage: torch checkpoints and detectron2 pickles, loaded without
+executing code, their layout recognised, and a torchvision-named ResNet extracted.
 
 Layouts (auto-detected by key names; ``--source`` forces one):
 
@@ -13,12 +14,17 @@ torchvision          (none)                       classifier ``fc.*``
 ===================  ===========================  =========================================
 """
 
+import io
+import pickle
 import re
 import warnings
 
-import torch
+import numpy as np
 
 from simsiam_transfer.errors import UserError
+from simsiam_transfer.resnet import DEPTH_OF_LAYOUT
+
+# torch is imported inside the functions that use it: the CLI reads SOURCES while building its parser.
 
 SOURCES = {
     "simsiam-transfer": "encoder.",
@@ -27,20 +33,14 @@ SOURCES = {
     "byol": "backbone.",
     "torchvision": "",
 }
-# (block type, blocks per stage) -> depth
-RESNET_LAYOUTS = {
-    ("basic", (2, 2, 2, 2)): 18,
-    ("basic", (3, 4, 6, 3)): 34,
-    ("bottleneck", (3, 4, 6, 3)): 50,
-    ("bottleneck", (3, 4, 23, 3)): 101,
-    ("bottleneck", (3, 8, 36, 3)): 152,
-}
 _BACKBONE_KEY = re.compile(r"^(conv1|bn1|layer[1-4])\.")
 _PROBE_KEYS = ("conv1.weight", "layer1.0.conv1.weight")
 
 
 def load_checkpoint(path):
     """``torch.load(weights_only=True)`` with a clear error for anything that is not a safe checkpoint."""
+    import torch
+
     try:
         with warnings.catch_warnings():
             # torch warns about the pickle protocol of any non-zip file; the error below says what matters.
@@ -63,8 +63,6 @@ def describe_load_error(exc, path=None):
     if refused:
         return f"unsafe pickle, refused by weights_only loading: it would build {refused.group(1)}"
     if path is not None:
-        from convert.d2_format import describe_plain_pickle
-
         described = describe_plain_pickle(path)
         if described:
             return described
@@ -77,6 +75,8 @@ def describe_load_error(exc, path=None):
 
 def state_dict_of(obj, path):
     """The tensor dict inside a checkpoint: ``state_dict``, ``model``, or the object itself."""
+    import torch
+
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), dict):
@@ -157,17 +157,17 @@ def resnet_layout(backbone, path):
         if idx != set(range(max(idx) + 1)):
             raise UserError(f"{path}: layer{stage} is missing block(s) {sorted(set(range(max(idx) + 1)) - idx)}")
         counts.append(max(idx) + 1)
-    depth = RESNET_LAYOUTS.get((block, tuple(counts)))
+    depth = DEPTH_OF_LAYOUT.get((block, tuple(counts)))
     if depth is None:
         # Blocks cut off the end of a stage: name the nearest ResNet that has them all.
-        larger = sorted((sum(c), d, c) for (b, c), d in RESNET_LAYOUTS.items()
+        larger = sorted((sum(c), d, c) for (b, c), d in DEPTH_OF_LAYOUT.items()
                         if b == block and all(n <= m for n, m in zip(counts, c)))
         if larger:
             _, nearest, needed = larger[0]
             short = [f"layer{i + 1} has {n} of {m}" for i, (n, m) in enumerate(zip(counts, needed)) if n < m]
             raise UserError(f"{path}: missing blocks for ResNet-{nearest}: {', '.join(short)}; "
                             "the checkpoint is truncated or not a standard ResNet")
-        known = ", ".join(f"ResNet-{d} {b} {list(c)}" for (b, c), d in RESNET_LAYOUTS.items())
+        known = ", ".join(f"ResNet-{d} {b} {list(c)}" for (b, c), d in DEPTH_OF_LAYOUT.items())
         raise UserError(f"{path}: {block} blocks per stage {counts} match no supported ResNet ({known})")
     return depth, block
 
@@ -197,6 +197,8 @@ def check_complete(backbone, depth, path):
 
 def extract_backbone(path, source="auto"):
     """Return ``(backbone, info)``: torchvision-named tensors and what was found and dropped."""
+    import torch
+
     checkpoint = load_checkpoint(path)
     state_dict = state_dict_of(checkpoint, path)
     if source == "auto":
@@ -213,3 +215,72 @@ def extract_backbone(path, source="auto"):
     check_complete(backbone, depth, path)
     backbone = {k: v.float() if v.is_floating_point() else v for k, v in backbone.items()}
     return backbone, {"source": source, "depth": depth, "block": block, "dropped": dropped}
+
+
+# -- detectron2 pickles: an unpickler that only rebuilds numpy arrays and plain containers ------------
+_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _Refused(pickle.UnpicklingError):
+    def __init__(self, name):
+        super().__init__(f"refusing to load {name}")
+        self.name = name
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        raise _Refused(f"{module}.{name}")
+
+
+def read_detectron2_pkl(path):
+    """Return the ``model`` dict of a detectron2 .pkl, refusing anything but arrays."""
+    try:
+        with open(path, "rb") as f:
+            data = _ArraysOnlyUnpickler(io.BufferedReader(f), encoding="latin1").load()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    except _Refused as exc:
+        raise UserError(f"{path}: not a detectron2 weights file of plain arrays ({exc})") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+        raise UserError(f"{path}: truncated or corrupt pickle ({type(exc).__name__}); convert it again") from None
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or not model:
+        raise UserError(f"{path}: no 'model' weights dict; produce it with `simsiam-transfer convert`")
+    bad = [k for k, v in model.items() if not isinstance(v, np.ndarray)]
+    if bad:
+        raise UserError(f"{path}: entries that are not arrays, e.g. {bad[0]!r}")
+    bad = [k for k, v in model.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
+    if bad:
+        raise UserError(f"{path}: {len(bad)} array(s) hold NaN/inf, first {bad[0]!r}; convert a checkpoint "
+                        "from before the pretraining diverged")
+    return data
+
+
+def describe_plain_pickle(path):
+    """What a plain pickle (not torch's zip format) holds, read without running it; None otherwise."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(1) != b"\x80":  # pickle protocol 2+ opcode; anything else is not ours to describe
+                return None
+            f.seek(0)
+            data = _ArraysOnlyUnpickler(io.BufferedReader(f), encoding="latin1").load()
+    except _Refused as exc:
+        return f"a pickle that would build {exc.name}, refused: loading it could run code"
+    except Exception:  # noqa: BLE001 - a file we cannot read this way is described by torch's error
+        return None
+    if isinstance(data, dict) and isinstance(data.get("model"), dict):
+        return ("a detectron2 weights file (already converted); give it to `finetune --weights` or "
+                "`bench --weights`, and give `convert` the pretraining checkpoint")
+    return None
