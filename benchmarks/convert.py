@@ -8,7 +8,7 @@ Input: an official-layout SimSiam ResNet-50 checkpoint (``{"epoch", "arch", "sta
 in its own child process (peak RSS is per process), alternating:
   ours            ``convert_checkpoint`` with verification (detectron2 R50-C4 built, features compared)
   ours_no_verify  the same with ``verify=False``
-  reference       the official converter's steps, written from PROTOCOL.md section 2: keep the backbone
+  reference       the official converter's steps, written from MoCo's convert-pretrain-to-detectron2 recipe: keep the backbone
                   prefix, rename (stem / resN / convK.norm / shortcut), numpy, pickle; no checks
 ``s`` is the conversion itself inside the child (imports excluded); ``peak_rss_mib`` the child's
 ``ru_maxrss`` (interpreter and imports included); ``python_peak_mib`` tracemalloc's peak during the
@@ -35,7 +35,7 @@ PREFIX = "module.encoder."
 
 
 def reference_convert(src: str, dst: str) -> None:
-    """The official converter's renaming rules (PROTOCOL.md section 2), for the simsiam prefix."""
+    """The official converter's renaming rules (MoCo's convert-pretrain-to-detectron2 recipe), for the simsiam prefix."""
     import torch
 
     state = torch.load(src, map_location="cpu", weights_only=True)["state_dict"]

@@ -3,7 +3,7 @@
     python benchmarks/pretrain_step.py                      # R18 @ 64 px (batch 64) and R50 @ 128 px (batch 16)
     python benchmarks/pretrain_step.py --cases r18_64 --rounds 6
 
-The reference is written from the paper and PROTOCOL.md section 1 in the structure of the official
+The reference is written from the paper (Algorithm 1, Sec. 4) in the structure of the official
 builder: a torchvision ResNet built with ``num_classes=dim, zero_init_residual=True`` whose fc becomes
 the projector, a predictor MLP, two encoder passes, ``nn.CosineSimilarity`` loss
 ``-(cos(p1, z2.detach()).mean() + cos(p2, z1.detach()).mean()) * 0.5``, SGD, and the official loop's
@@ -38,7 +38,7 @@ CASES = {  # name: (backbone, crop px, batch, DIM, PRED_DIM) -- R18 as the mini 
 }
 
 
-# -- reference: the official builder's structure, written from PROTOCOL.md section 1 -------------------
+# -- reference: the official builder's structure, written from the paper -------------------
 class OfficialStyleSimSiam(nn.Module):
     def __init__(self, arch: str, dim: int, pred_dim: int):
         super().__init__()

@@ -22,7 +22,7 @@ import torch
 from detection import batch_policy, protocol
 from detection.spec import FinetuneJob, finetune_job_from_args
 from simsiam_transfer import atomic
-from simsiam_transfer.c4 import check_weights_cover_model
+from simsiam_transfer.c4 import check_weights_cover_model, single_process_norm
 from simsiam_transfer.config import merge_file, merge_overrides, resolve_config
 from simsiam_transfer.errors import TrainingDiverged, UserError
 from simsiam_transfer.versions import library_versions
@@ -65,7 +65,7 @@ def build_cfg(job, cuda=None):
         log = logger.info if job.world_size == 1 else logger.warning
         log("MODEL.RESNETS.NORM SyncBN cannot run with %d process(es) on %s; using naiveSyncBN",
             job.world_size, cfg.MODEL.DEVICE)
-        cfg.MODEL.RESNETS.NORM = "naiveSyncBN"
+        cfg.MODEL.RESNETS.NORM = single_process_norm(cfg.MODEL.RESNETS.NORM)
     if cfg.MODEL.RESNETS.NORM == "FrozenBN" and not cfg.MODEL.WEIGHTS:
         raise UserError("MODEL.RESNETS.NORM FrozenBN with --weights none diverges (frozen random "
                         "statistics); use BN, naiveSyncBN or SyncBN for the scratch baseline")

@@ -33,6 +33,12 @@ from simsiam_transfer.resnet import RESNETS
 C4_CONFIG = "detection/Base-RCNN-C4-BN.yaml"
 
 
+def single_process_norm(norm: str) -> str:
+    """A norm that builds without CUDA or a process group, with the same tensors: nn.SyncBatchNorm
+    needs both, and detectron2's naiveSyncBN is plain BN in a single process."""
+    return "naiveSyncBN" if norm == "SyncBN" else norm
+
+
 
 def build_res5_stage(cfg):
     """res5 as a ``nn.Sequential`` of the backbone's block type; returns (stage, out_channels)."""
@@ -145,8 +151,7 @@ def check_weights_cover_model(path, cfg):
     cpu_cfg = cfg.clone()
     cpu_cfg.defrost()
     cpu_cfg.MODEL.DEVICE = "cpu"
-    if cpu_cfg.MODEL.RESNETS.NORM in ("SyncBN", "naiveSyncBN"):
-        cpu_cfg.MODEL.RESNETS.NORM = "BN"  # same tensors; SyncBN cannot be built on CPU
+    cpu_cfg.MODEL.RESNETS.NORM = single_process_norm(cpu_cfg.MODEL.RESNETS.NORM)
     problems = coverage_problems(build_model(cpu_cfg), payload)
     if problems:
         raise UserError(f"--weights {path} does not cover the model's backbone: {'; '.join(problems)}. "

@@ -1,6 +1,6 @@
 """The ``simsiam-transfer`` command: a thin dispatcher; each stage owns its arguments and logic.
 
-Exit status (CONTRACTS.md): 0 success, 2 bad input or usage (one line on stderr, no
+Exit status (README, "Commands"): 0 success, 2 bad input or usage (one line on stderr, no
 traceback, no partial output), 1 anything else.
 """
 

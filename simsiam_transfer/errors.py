@@ -1,4 +1,4 @@
-"""Expected bad input: one clear line on stderr and exit status 2 (see CONTRACTS.md)."""
+"""Expected bad input: one clear line on stderr and exit status 2 (README, "Commands")."""
 
 
 class UserError(Exception):

@@ -92,7 +92,8 @@ def test_catalog_validation(tmp_path):
 
     cases = {
         "bad: [unclosed": "not valid YAML",
-        "x:\n  format: lmdb\n": "format must be 'voc' or 'coco'",
+        "x:\n  format: lmdb\n": "format must be one of ['coco', 'voc']",
+        "x:\n  format: voc\n  root: r\n  split: s\n  classes: [a]\n  year: '07'\n": "'year' must be an integer",
         "x:\n  format: voc\n  root: r\n  split: s\n": "missing key(s) ['classes']",
         "x:\n  format: coco\n  json: a\n  image_root: b\n  extra: 1\n": "unknown key(s) ['extra']",
         "x:\n  format: voc\n  root: r\n  split: s\n  classes: []\n": "non-empty list",

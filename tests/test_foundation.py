@@ -115,7 +115,7 @@ def test_make_synthetic_is_deterministic_and_uses_real_layouts(tmp_path):
         proc = run_cli("data", "make-synthetic", "--out", tmp_path / name, *args)
         assert proc.returncode == 0, proc.stderr
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
-    run_cli("data", "make-synthetic", "--out", tmp_path / "c", *args[:1], "4", *args[2:])
+    assert run_cli("data", "make-synthetic", "--out", tmp_path / "c", *args[:1], "4", *args[2:]).returncode == 0
     assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
 
     voc = tmp_path / "a/VOCdevkit/VOC2007"
