@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine (see README):
 #   make demo   venv + install + the mini pipeline on generated data
-#   make test   venv + install + the test suite
+#   make test   venv + install + mypy on the typed interfaces + the test suite (fast and slow)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.simsiam-transfer-installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-fast clean
 
 setup: $(STAMP)
 
@@ -26,7 +26,11 @@ demo: setup
 	$(BIN)/simsiam-transfer pipeline --config pipeline/mini.yaml OUTPUT_DIR $(DEMO_DIR)
 
 test: setup
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q tests
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

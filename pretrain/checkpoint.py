@@ -22,6 +22,7 @@ All of it loads with ``torch.load(..., weights_only=True)``.
 import random
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,7 +43,7 @@ def numbered_name(epochs_done):
 def rng_state() -> dict:
     """This process's RNG streams; CUDA only for the current device, so a resume on a node with
     fewer visible GPUs still fits."""
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()  # the legacy 5-tuple (the default)
     return {
         "torch": torch.get_rng_state(),
         "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],
