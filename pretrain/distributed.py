@@ -66,7 +66,8 @@ def expand_nodelist(nodelist: str) -> list:
 def first_slurm_host(nodelist: str) -> str:
     """``scontrol show hostnames`` where Slurm's tools are installed, else our own parser."""
     if shutil.which("scontrol"):
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=60)
         if out.returncode == 0 and out.stdout.split():
             return out.stdout.split()[0]
     hosts = expand_nodelist(nodelist)
