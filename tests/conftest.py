@@ -64,3 +64,14 @@ def r18_pkl(tmp_path_factory):
     torch.save({"state_dict": {f"module.encoder.{k}": v for k, v in torchvision_state(18).items()}}, src)
     convert_checkpoint(src, tmp / "r18.pkl")
     return tmp / "r18.pkl"
+
+
+# Tests that need the generated datasets or a converted checkpoint train, fine-tune or convert:
+# they are the end-to-end half of the suite (`make test-fast` runs the other half).
+SLOW_FIXTURES = {"synthetic", "r18_pkl", "local_sweep"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -68,6 +68,7 @@ def test_pretraining_runs_as_its_own_process_group():
     assert cmd[-4:] == ["simsiam_transfer.cli", "pretrain", "--config", "c.yaml"]
 
 
+@pytest.mark.slow
 def test_a_typo_in_a_row_costs_nothing(tmp_path):
     path = _write(tmp_path, f"_BASE_: {MINI}\nROWS:\n  simsiam:\n    PRETRAIN:\n      CFG:\n"
                             "        SOLVER: {BASE_LR: .nan}\n")
@@ -78,6 +79,7 @@ def test_a_typo_in_a_row_costs_nothing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_pipeline_pretrains_under_torchrun_then_resumes(tmp_path):
     """Two CPU processes pretrain (gloo DDP), then convert, bench and report run once."""
     path = _write(tmp_path, """DATA: {SYNTHETIC: True}
