@@ -101,27 +101,20 @@ def main(argv=None):
     catalog = data / "datasets.yaml"
     voc = (f"detection/PascalVOC-Detection/faster_rcnn_R_{depth}_C4_voc07{'_mini' if smoke else ''}.yaml")
     coco = (f"detection/COCO-InstanceSegmentation/mask_rcnn_R_{depth}_C4_1x{'_mini' if smoke else ''}.yaml")
-    iters = (2, 2) if smoke else (100, 50)
-    d2 = ["DATASETS.TRAIN", "('synthetic_voc_trainval',)", "DATASETS.TEST", "('synthetic_voc_test',)",
-          "MODEL.ROI_HEADS.NUM_CLASSES", classes, "SOLVER.WARMUP_ITERS", 10, "SOLVER.CHECKPOINT_PERIOD", 1000,
-          "TEST.PRECISE_BN.NUM_ITER", 2]
+    common_d2 = ["MODEL.ROI_HEADS.NUM_CLASSES", classes, "SOLVER.WARMUP_ITERS", 10,
+                 "SOLVER.CHECKPOINT_PERIOD", 1000, "TEST.PRECISE_BN.NUM_ITER", 2]
     # Faithful policy: the config's global batch (16) on the one GPU there is, BN over those 16.
-    name = "finetune_voc_R50_C4_16img_1gpu"
-    rec = run(name, cli("finetune", "--config", voc, "--weights", weights, "--datasets", catalog,
-                        "--num-gpus", min(gpus, 1), "OUTPUT_DIR", out / name, "SOLVER.MAX_ITER", iters[0],
-                        "SOLVER.STEPS", f"({iters[0] - 1},)", *d2), out)
-    if rec["rc"] == 0:
-        rec.update(detectron2_speed(out / name))
-    results.append(rec)
-    coco_d2 = ["DATASETS.TRAIN", "('synthetic_coco_train',)", "DATASETS.TEST", "('synthetic_coco_val',)",
-               *d2[4:]]
-    name = "finetune_coco_mask_rcnn_C4"
-    rec = run(name, cli("finetune", "--config", coco, "--weights", weights, "--datasets", catalog,
-                        "--num-gpus", min(gpus, 1), "OUTPUT_DIR", out / name, "SOLVER.MAX_ITER", iters[1],
-                        "SOLVER.STEPS", f"({iters[1] - 1},)", *coco_d2), out)
-    if rec["rc"] == 0:
-        rec.update(detectron2_speed(out / name))
-    results.append(rec)
+    for name, config, split, iters in (
+            ("finetune_voc_R50_C4_16img_1gpu", voc, ("synthetic_voc_trainval", "synthetic_voc_test"), 100),
+            ("finetune_coco_mask_rcnn_C4", coco, ("synthetic_coco_train", "synthetic_coco_val"), 50)):
+        iters = 2 if smoke else iters
+        rec = run(name, cli("finetune", "--config", config, "--weights", weights, "--datasets", catalog,
+                            "--num-gpus", min(gpus, 1), "OUTPUT_DIR", out / name, "SOLVER.MAX_ITER", iters,
+                            "SOLVER.STEPS", f"({iters - 1},)", "DATASETS.TRAIN", f"('{split[0]}',)",
+                            "DATASETS.TEST", f"('{split[1]}',)", *common_d2), out)
+        if rec["rc"] == 0:
+            rec.update(detectron2_speed(out / name))
+        results.append(rec)
 
     pipeline = out / "pipeline.yaml"
     pipeline.write_text(yaml.safe_dump({
