@@ -232,7 +232,8 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path):
     state = json.loads((tmp_path / "pipeline.json").read_text())
     assert [s["status"][:4] for s in state["stages"].values()] == ["done"] * 5
     report = (tmp_path / "report.md").read_text()
-    assert "SimSiam R18 (mini)" in report and "COCO 1x (mini) seg. AP50 / AP / AP75" in report
+    assert "SimSiam R18 (mini)" in report
+    assert "COCO 1x (mini) seg. (synthetic_coco_val, COCO AP, Mask R-CNN R18-C4 4 it) AP50 / AP / AP75" in report
     assert json.loads((tmp_path / "weights.pkl.report.json").read_text())["source"] == "simsiam-transfer"
     again = run_cli(*args)
     assert again.returncode == 0
