@@ -25,8 +25,9 @@ def cli(*args):
     return [sys.executable, "-m", "simsiam_transfer.cli", *map(str, args)]
 
 
-def run(name, cmd, log_dir, **extra):
-    """Run one check; returns its JSON record (rc, wall time, the log's tail on failure)."""
+def run(name, cmd, log_dir, measure=None, **extra):
+    """Run one check and print its JSON record (rc, wall time, ``measure()``'s figures, or the log's
+    tail on failure)."""
     log = Path(log_dir) / f"{name}.log"
     start = time.perf_counter()
     with open(log, "w") as f:
@@ -34,22 +35,25 @@ def run(name, cmd, log_dir, **extra):
     record = {"check": name, "rc": rc, "wall_s": round(time.perf_counter() - start, 1), **extra}
     if rc:
         record["tail"] = log.read_text()[-800:]
+    elif measure is not None:
+        record.update(measure())
     print(json.dumps(record), flush=True)
     return record
 
 
-def pretrain_speed(out_dir):
+def pretrain_speed(out_dir, batch):
     """s/step and img/s of the last epoch in a pretraining run's metrics.jsonl."""
     lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
     last = json.loads(lines[-1])
-    return {"s_per_step": round(last["time_s"] / last["steps"], 4), "loss": last["loss"],
+    s_per_step = last["time_s"] / last["steps"]
+    return {"s_per_step": round(s_per_step, 4), "img_per_s": round(batch / s_per_step, 1), "loss": last["loss"],
             **{k: last[k] for k in ("amp_skipped_steps",) if k in last}}
 
 
 def detectron2_speed(out_dir):
     """Median s/iter and the peak memory detectron2's printer logged (``max_mem: NM``)."""
     log = (Path(out_dir) / "log.txt").read_text()
-    times = [float(t) for t in re.findall(r"\btime: ([0-9.]+)", log)]
+    times = [float(t) for t in re.findall(r"  time: ([0-9.]+)", log)]  # the per-iteration printer
     mem = [float(m) for m in re.findall(r"max_mem: ([0-9.]+)M", log)]
     times.sort()
     return {"s_per_iter": times[len(times) // 2] if times else None,
@@ -79,12 +83,8 @@ def main(argv=None):
               "SOLVER.CHECKPOINT_PERIOD", 1]
     for amp in (False, True):
         name = f"pretrain_{backbone}_{'amp' if amp else 'fp32'}"
-        rec = run(name, cli("pretrain", "OUTPUT_DIR", out / name, "SOLVER.EPOCHS", 1, "SOLVER.AMP", amp,
-                            *common), out)
-        if rec["rc"] == 0:
-            rec.update(pretrain_speed(out / name))
-            rec["img_per_s"] = round(batch / rec["s_per_step"], 1)
-        results.append(rec)
+        results.append(run(name, cli("pretrain", "OUTPUT_DIR", out / name, "SOLVER.EPOCHS", 1, "SOLVER.AMP", amp,
+                                     *common), out, measure=lambda name=name: pretrain_speed(out / name, batch)))
     # A checkpoint written with AMP off resumes with AMP on (empty GradScaler state is skipped).
     results.append(run("resume_fp32_checkpoint_with_amp", cli(
         "pretrain", "OUTPUT_DIR", out / f"pretrain_{backbone}_fp32", "SOLVER.EPOCHS", 2, "SOLVER.AMP", True,
@@ -108,13 +108,11 @@ def main(argv=None):
             ("finetune_voc_R50_C4_16img_1gpu", voc, ("synthetic_voc_trainval", "synthetic_voc_test"), 100),
             ("finetune_coco_mask_rcnn_C4", coco, ("synthetic_coco_train", "synthetic_coco_val"), 50)):
         iters = 2 if smoke else iters
-        rec = run(name, cli("finetune", "--config", config, "--weights", weights, "--datasets", catalog,
-                            "--num-gpus", min(gpus, 1), "OUTPUT_DIR", out / name, "SOLVER.MAX_ITER", iters,
-                            "SOLVER.STEPS", f"({iters - 1},)", "DATASETS.TRAIN", f"('{split[0]}',)",
-                            "DATASETS.TEST", f"('{split[1]}',)", *common_d2), out)
-        if rec["rc"] == 0:
-            rec.update(detectron2_speed(out / name))
-        results.append(rec)
+        results.append(run(name, cli("finetune", "--config", config, "--weights", weights, "--datasets", catalog,
+                                     "--num-gpus", min(gpus, 1), "OUTPUT_DIR", out / name, "SOLVER.MAX_ITER", iters,
+                                     "SOLVER.STEPS", f"({iters - 1},)", "DATASETS.TRAIN", f"('{split[0]}',)",
+                                     "DATASETS.TEST", f"('{split[1]}',)", *common_d2), out,
+                           measure=lambda name=name: detectron2_speed(out / name)))
 
     pipeline = out / "pipeline.yaml"
     pipeline.write_text(yaml.safe_dump({
