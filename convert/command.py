@@ -7,7 +7,8 @@ from pathlib import Path
 from convert.d2_format import detectron2_payload, write_detectron2_pkl
 from convert.rename import rename_state_dict
 from convert.sources import extract_backbone
-from convert.verify import near_identity_warnings, residual_scale_stats, verify_detectron2_payload
+from convert.verify import (near_identity_warnings, pretraining_check, residual_scale_stats,
+                            verify_detectron2_payload)
 from simsiam_transfer import atomic
 from simsiam_transfer.errors import UserError
 
@@ -22,10 +23,12 @@ def convert_checkpoint(input_path, output_path, fmt="detectron2", source="auto",
         raise UserError(f"{output_path}: output would overwrite the input checkpoint")
     backbone, info = extract_backbone(input_path, source)
     stats = residual_scale_stats(backbone, info["block"])
+    training = info.pop("training") or {}
+    check = pretraining_check(stats, training.get("history"), training.get("dim", 0))
     report = {
         "input": str(input_path), "output": str(output_path), "format": fmt, **info,
-        "tensors": len(backbone), "residual_bn_scale": stats,
-        "warnings": near_identity_warnings(stats), "verification": None,
+        "tensors": len(backbone), "residual_bn_scale": stats, "pretraining_check": check,
+        "warnings": near_identity_warnings(stats) + check["problems"], "verification": None,
     }
     if fmt == "detectron2":
         payload = detectron2_payload(rename_state_dict(backbone))
@@ -67,3 +70,33 @@ def convert_command(args):
     report = convert_checkpoint(args.input, args.output, args.format, args.source, not args.no_verify)
     print_summary(report)
     return 0
+
+
+def pretraining_warnings(weights):
+    """The converter's no-op/collapse verdict for ``weights`` (a converted file), read from the report
+    beside it; [] when there is no report or nothing was wrong. Used by ``bench`` before fine-tuning."""
+    import json
+
+    path = report_path(weights)
+    if not path.is_file():
+        return []
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return [f"{path}: unreadable conversion report; convert the checkpoint again to check it"]
+    check = report.get("pretraining_check") or {}
+    problems = list(check.get("problems", [])) + near_identity_warnings(report.get("residual_bn_scale", {}))
+    return [f"{Path(weights).name}: {p}" + (f"; {check['advice']}" if check.get("advice") else "")
+            for p in problems]
+
+
+def check_pretraining_run(checkpoint_path):
+    """The same verdict straight from a pretraining checkpoint (the pipeline, right after pretraining):
+    ``pretraining_check``'s dict plus the residual-BN statistics."""
+    backbone, info = extract_backbone(checkpoint_path)
+    stats = residual_scale_stats(backbone, info["block"])
+    training = info["training"] or {}
+    check = pretraining_check(stats, training.get("history"), training.get("dim", 0))
+    check["problems"] += near_identity_warnings(stats)
+    check["ok"] = not check["problems"]
+    return {**check, "residual_bn_scale": stats}

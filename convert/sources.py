@@ -194,4 +194,18 @@ def extract_backbone(path, source="auto"):
     depth, block = resnet_layout(backbone, path)
     check_complete(backbone, depth, path)
     backbone = {k: v.float() if v.is_floating_point() else v for k, v in backbone.items()}
-    return backbone, {"source": source, "depth": depth, "block": block, "dropped": dropped}
+    return backbone, {"source": source, "depth": depth, "block": block, "dropped": dropped,
+                      "training": training_record(checkpoint)}
+
+
+def training_record(checkpoint):
+    """This project's pretraining checkpoints carry per-epoch ``history`` and the projector dim d."""
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("history"), list):
+        return None
+    import yaml
+
+    try:
+        dim = int(yaml.safe_load(checkpoint.get("config") or "").get("MODEL", {}).get("DIM", 0))
+    except (yaml.YAMLError, AttributeError, TypeError, ValueError):
+        dim = 0
+    return {"history": checkpoint["history"], "dim": dim}

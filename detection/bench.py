@@ -10,6 +10,7 @@ retries failed ones up to ``--max-retries``.
 import fcntl
 import hashlib
 import json
+import sys
 import threading
 from pathlib import Path
 
@@ -206,6 +207,11 @@ class Bench:
         atomic.write_json(self.out / SETTINGS, self.settings)
         print(f"[bench] {self.settings['name']} on {self.settings['benchmark']}: LRs {lrs}, "
               f"{self.args.trials} trial(s), search {self.args.search}, metric {self.args.metric}", flush=True)
+        if self.settings["weights"] != "none":
+            from convert.command import pretraining_warnings
+
+            for warning in pretraining_warnings(self.settings["weights"]):
+                print(f"[bench] WARNING: {warning}", file=sys.stderr, flush=True)
         executor = self._executor()
         planned = len(protocol.search_plan(lrs, self.args.trials, self.args.search)) + \
             len(protocol.repeat_plan(lrs[0], self.args.trials, self.args.search))
