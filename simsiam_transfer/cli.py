@@ -79,6 +79,15 @@ def _fig2(args):
     return 0
 
 
+def _repro(args):
+    from pretrain.repro import markdown_table, run_experiments
+
+    summaries = run_experiments(args.config, args.output_dir, args.overrides, args.experiments.split(","))
+    print(markdown_table(summaries))
+    print(f"wrote {args.output_dir}/{{{','.join(summaries)}}}.{{json,png}} and repro.md")
+    return 0
+
+
 def _bench(args):
     from detection.bench import Bench
 
@@ -142,6 +151,13 @@ def build_parser():
     p.add_argument("--output-dir", required=True, help="holds both runs, fig2.json and fig2.png")
     p.add_argument("overrides", nargs="*", metavar="KEY VALUE")
     p.set_defaults(func=_fig2)
+
+    p = sub.add_parser("repro", help="the paper's Fig. 2, Table 1 and Table 3 as pretraining runs + JSON/PNG/table")
+    p.add_argument("--config", default="pretrain/simsiam_R_18_repro.yaml", help="pretraining YAML")
+    p.add_argument("--output-dir", required=True, help="holds every run, <experiment>.json/.png and repro.md")
+    p.add_argument("--experiments", default="fig2,table1,table3", help="comma-separated subset")
+    p.add_argument("overrides", nargs="*", metavar="KEY VALUE")
+    p.set_defaults(func=_repro)
 
     p = sub.add_parser("convert", help="pretraining checkpoint -> detectron2 / torchvision weights, verified")
     p.add_argument("input", help="pretraining checkpoint (.pth / .pth.tar)")
