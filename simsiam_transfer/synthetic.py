@@ -312,7 +312,7 @@ def write_catalog(root):
     (Path(root) / "datasets.yaml").write_text(text)
 
 
-def make_synthetic(out, seed=0, num_train=400, num_test=300, num_unlabeled=4000, image_size=128,
+def make_synthetic(out, seed=0, num_train=300, num_test=200, num_unlabeled=4000, image_size=128,
                    max_objects=4, labeled_per_class=(100, 60), workers=None):
     """Write every generated dataset under ``out`` (replaced atomically as a whole).
 
