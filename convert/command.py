@@ -72,7 +72,7 @@ def convert_command(args):
     return 0
 
 
-def pretraining_warnings(weights):
+def pretraining_warnings(weights) -> list:
     """The converter's no-op/collapse verdict for ``weights`` (a converted file), read from the report
     beside it; [] when there is no report or nothing was wrong. Used by ``bench`` before fine-tuning."""
     import json
@@ -90,7 +90,7 @@ def pretraining_warnings(weights):
             for p in problems]
 
 
-def check_pretraining_run(checkpoint_path):
+def check_pretraining_run(checkpoint_path) -> dict:
     """The same verdict straight from a pretraining checkpoint (the pipeline, right after pretraining):
     ``pretraining_check``'s dict plus the residual-BN statistics."""
     backbone, info = extract_backbone(checkpoint_path)

@@ -14,6 +14,7 @@ torchvision          (none)                       classifier ``fc.*``
 """
 
 import re
+from typing import Optional
 
 import torch
 
@@ -198,7 +199,7 @@ def extract_backbone(path, source="auto"):
                       "training": training_record(checkpoint)}
 
 
-def training_record(checkpoint):
+def training_record(checkpoint) -> Optional[dict]:
     """This project's pretraining checkpoints carry per-epoch ``history`` and the projector dim d."""
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("history"), list):
         return None

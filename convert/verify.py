@@ -17,6 +17,7 @@
 import copy
 import logging
 import math
+from typing import Optional
 
 import numpy as np
 import torch
@@ -193,7 +194,7 @@ def near_identity_warnings(stats, threshold=NEAR_IDENTITY_SCALE):
     ]
 
 
-def stuck_scale_warnings(stats, tolerance=STUCK_AT_ONE):
+def stuck_scale_warnings(stats: dict, tolerance: float = STUCK_AT_ONE) -> list:
     """Stages whose residual-BN scales never left 1.0, their init with ZERO_INIT_RESIDUAL False."""
     stuck = {stage: s for stage, s in stats.items()
              if s.get("mean_abs_change_from_one", float("inf")) < tolerance}
@@ -204,7 +205,8 @@ def stuck_scale_warnings(stats, tolerance=STUCK_AT_ONE):
             f"< {tolerance}): the backbone barely moved from its initialisation"]
 
 
-def training_warnings(history, dim, loss_threshold=LEARNED_LOSS, collapsed=COLLAPSED_Z_STD):
+def training_warnings(history: list, dim: int, loss_threshold: float = LEARNED_LOSS,
+                      collapsed: float = COLLAPSED_Z_STD) -> list:
     """Problems read from a pretraining checkpoint's ``history`` (per-epoch loss and z_std)."""
     if not history:
         return []
@@ -221,7 +223,7 @@ def training_warnings(history, dim, loss_threshold=LEARNED_LOSS, collapsed=COLLA
     return warnings
 
 
-def pretraining_check(stats, history=None, dim=0):
+def pretraining_check(stats: dict, history: Optional[list] = None, dim: int = 0) -> dict:
     """The no-op/collapse verdict of one pretrained backbone: ``{"ok", "problems", "advice", ...}``."""
     problems = stuck_scale_warnings(stats) + training_warnings(history or [], dim)
     advice = ("train longer (more SOLVER.EPOCHS or images), raise SOLVER.BASE_LR, and check "

@@ -12,7 +12,7 @@ top-1 per epoch), and ``DIR/repro.md``, the final table of every experiment.
 import json
 import math
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from pretrain.config import load_cfg
 from simsiam_transfer import atomic
@@ -49,18 +49,19 @@ def read_metrics(run_dir) -> List[dict]:
 def summarize(curves: Dict[str, List[dict]], dim: int, paper: Optional[Dict[str, str]] = None,
               run_dirs: Optional[Dict[str, str]] = None) -> dict:
     """Final values and curves of each run; z_std*sqrt(d) is ~1 for spread-out outputs, ~0 collapsed."""
-    summary = {"reference_z_std": 1.0 / math.sqrt(dim), "runs": {}}
+    runs: Dict[str, Dict[str, Any]] = {}
+    summary = {"reference_z_std": 1.0 / math.sqrt(dim), "runs": runs}
     for name, records in curves.items():
         last = records[-1]
-        summary["runs"][name] = {
+        runs[name] = {
             "final_loss": last["loss"], "final_z_std": last["z_std"],
             "final_z_std_times_sqrt_d": last["z_std"] * math.sqrt(dim),
             "final_knn_top1": last.get("knn_top1"), "curve": records,
         }
         if paper:
-            summary["runs"][name]["paper_linear_top1"] = paper[name]
+            runs[name]["paper_linear_top1"] = paper[name]
         if run_dirs:
-            summary["runs"][name]["run_dir"] = run_dirs[name]
+            runs[name]["run_dir"] = run_dirs[name]
     return summary
 
 
@@ -120,7 +121,8 @@ def plan_runs(config_file, output_dir, overrides: Sequence[str], experiments: Se
     unknown = [e for e in experiments if e not in EXPERIMENTS]
     if unknown:
         raise UserError(f"--experiments: unknown {', '.join(unknown)}; choose from {', '.join(EXPERIMENTS)}")
-    seen, plan = {}, []
+    seen: Dict[str, Any] = {}
+    plan: List[Tuple[str, str, Any]] = []
     for experiment in experiments:
         for name, extra, _paper in EXPERIMENTS[experiment]:
             cfg = load_cfg(config_file, list(overrides) + extra + ["OUTPUT_DIR", str(Path(output_dir) / name)])

@@ -21,6 +21,7 @@ import math
 import multiprocessing
 import os
 from pathlib import Path
+from typing import Dict
 from xml.etree import ElementTree as ET
 
 import numpy as np
@@ -38,10 +39,10 @@ GRAY_SCENES = ("camera", "coins", "moon", "page", "text", "clock", "cell")
 SPLIT_CODES = {"voc_trainval": 1, "voc_test": 2, "coco_train": 3, "coco_val": 4, "unlabeled": 5,
                "labeled_train": 6, "labeled_val": 7}
 
-_SOURCES = {}
+_SOURCES: Dict[str, np.ndarray] = {}
 
 
-def texture_sources():
+def texture_sources() -> Dict[str, np.ndarray]:
     """name -> uint8 array (H, W) or (H, W, 3), loaded once per process from the installed skimage."""
     if not _SOURCES:
         from skimage import data
