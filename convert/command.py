@@ -6,14 +6,11 @@ from pathlib import Path
 
 from convert.d2_format import detectron2_payload, write_detectron2_pkl
 from convert.rename import rename_state_dict
-from simsiam_transfer.checkpoints import extract_backbone
-from convert.verify import near_identity_warnings, residual_scale_stats, verify_detectron2_payload
+from convert.verify import (near_identity_warnings, pretraining_check, residual_scale_stats,
+                            verify_detectron2_payload)
 from simsiam_transfer import atomic
+from simsiam_transfer.checkpoints import conversion_report_path, extract_backbone
 from simsiam_transfer.errors import UserError
-
-
-def report_path(output):
-    return Path(f"{output}.report.json")
 
 
 def convert_checkpoint(input_path, output_path, fmt="detectron2", source="auto", verify=True):
@@ -21,15 +18,17 @@ def convert_checkpoint(input_path, output_path, fmt="detectron2", source="auto",
     if Path(input_path).resolve() == Path(output_path).resolve():
         raise UserError(f"{output_path}: output would overwrite the input checkpoint")
     atomic.check_output_file(output_path, "OUTPUT")
-    atomic.check_output_file(report_path(output_path), "OUTPUT's report")
+    atomic.check_output_file(conversion_report_path(output_path), "OUTPUT's report")
     # Leftovers of a convert killed mid-write to the same OUTPUT (this command owns those names).
-    atomic.remove_stale_tmp(Path(output_path).parent, [Path(output_path).name, report_path(output_path).name])
+    atomic.remove_stale_tmp(Path(output_path).parent, [Path(output_path).name, conversion_report_path(output_path).name])
     backbone, info = extract_backbone(input_path, source)
     stats = residual_scale_stats(backbone, info["block"])
+    training = info.pop("training") or {}
+    check = pretraining_check(stats, training.get("history"), training.get("dim", 0))
     report = {
         "input": str(input_path), "output": str(output_path), "format": fmt, **info,
-        "tensors": len(backbone), "residual_bn_scale": stats,
-        "warnings": near_identity_warnings(stats), "verification": None,
+        "tensors": len(backbone), "residual_bn_scale": stats, "pretraining_check": check,
+        "warnings": near_identity_warnings(stats) + check["problems"], "verification": None,
     }
     if fmt == "detectron2":
         payload = detectron2_payload(rename_state_dict(backbone))
@@ -43,7 +42,7 @@ def convert_checkpoint(input_path, output_path, fmt="detectron2", source="auto",
     else:
         report["verification"] = "torchvision format: checked against torchvision ResNet shapes"
         atomic.torch_save(backbone, output_path)
-    atomic.write_json(report_path(output_path), report)
+    atomic.write_json(conversion_report_path(output_path), report)
     return report
 
 
@@ -64,10 +63,22 @@ def print_summary(report, out=None, err=None):
     print(f"residual BN scale (mean |gamma| of each branch's last BN): {scales}", file=out)
     for warning in report["warnings"]:
         print(f"WARNING: {warning}", file=err)
-    print(f"wrote:      {report['output']} (+ {report_path(report['output']).name})", file=out)
+    print(f"wrote:      {report['output']} (+ {conversion_report_path(report['output']).name})", file=out)
 
 
 def convert_command(args):
     report = convert_checkpoint(args.input, args.output, args.format, args.source, not args.no_verify)
     print_summary(report)
     return 0
+
+
+def check_pretraining_run(checkpoint_path) -> dict:
+    """The same verdict straight from a pretraining checkpoint (the pipeline, right after pretraining):
+    ``pretraining_check``'s dict plus the residual-BN statistics."""
+    backbone, info = extract_backbone(checkpoint_path)
+    stats = residual_scale_stats(backbone, info["block"])
+    training = info["training"] or {}
+    check = pretraining_check(stats, training.get("history"), training.get("dim", 0))
+    check["problems"] += near_identity_warnings(stats)
+    check["ok"] = not check["problems"]
+    return {**check, "residual_bn_scale": stats}

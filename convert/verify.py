@@ -9,8 +9,13 @@
    res5 features agree to 1e-4 of the feature range (max |diff| / max(1, max |feature|); an
    absolute bound would flag float32 rounding on the large activations of untrained nets).
 3. Diagnostics: the last BN scale of every residual branch, per stage; near-zero scales mean
-   near-identity blocks, which fine-tune worse than random init.
+   near-identity blocks, which fine-tune worse than random init; scales still at 1.0 (their init
+   without zero-init residuals), a loss that never fell, or a collapsed output mean a pretraining
+   that did not learn (``pretraining_check``; the verdict lands in OUTPUT.report.json for ``bench``).
 """
+
+import math
+from typing import Optional
 
 import numpy as np
 import torch
@@ -22,6 +27,12 @@ from simsiam_transfer.resnet import IMAGENET_MEAN, IMAGENET_STD
 
 TOLERANCE = 1e-4
 NEAR_IDENTITY_SCALE = 0.02
+# Residual-BN scales whose mean |gamma - 1| stays under this never left their 1.0 init.
+STUCK_AT_ONE = 0.005
+# A SimSiam run that learned reaches a loss well below this (trained: -0.6 to -0.9; untouched: ~0).
+LEARNED_LOSS = -0.3
+# std of the l2-normalised output times sqrt(d): ~1 when spread out, ~0 when collapsed (paper Fig. 2).
+COLLAPSED_Z_STD = 0.1
 
 
 class VerificationError(UserError):
@@ -85,9 +96,11 @@ def residual_scale_stats(backbone, block):
     for stage in range(1, 5):
         scales = [backbone[k].abs().mean().item() for k in sorted(backbone)
                   if k.startswith(f"layer{stage}.") and k.endswith(f".{last_bn}.weight")]
+        changes = [(backbone[k] - 1).abs().mean().item() for k in sorted(backbone)
+                   if k.startswith(f"layer{stage}.") and k.endswith(f".{last_bn}.weight")]
         stats[f"res{stage + 1}"] = {
             "mean": float(np.mean(scales)), "min": float(np.min(scales)), "max": float(np.max(scales)),
-            "blocks": len(scales),
+            "blocks": len(scales), "mean_abs_change_from_one": float(np.mean(changes)),
         }
     return stats
 
@@ -99,3 +112,46 @@ def near_identity_warnings(stats, threshold=NEAR_IDENTITY_SCALE):
         "can fine-tune worse than random init"
         for stage, s in stats.items() if s["mean"] < threshold
     ]
+
+
+def stuck_scale_warnings(stats: dict, tolerance: float = STUCK_AT_ONE) -> list:
+    """Stages whose residual-BN scales never left 1.0, their init with ZERO_INIT_RESIDUAL False."""
+    stuck = {stage: s for stage, s in stats.items()
+             if s.get("mean_abs_change_from_one", float("inf")) < tolerance}
+    if len(stuck) < len(stats):
+        return []
+    values = ", ".join(f"{stage} {s['mean_abs_change_from_one']:.4f}" for stage, s in stuck.items())
+    return [f"residual-branch BN scales still at their 1.0 init in every stage (mean |gamma - 1|: {values}; "
+            f"< {tolerance}): the backbone barely moved from its initialisation"]
+
+
+def training_warnings(history: list, dim: int, loss_threshold: float = LEARNED_LOSS,
+                      collapsed: float = COLLAPSED_Z_STD) -> list:
+    """Problems read from a pretraining checkpoint's ``history`` (per-epoch loss and z_std)."""
+    if not history:
+        return []
+    warnings = []
+    best = min(float(r["loss"]) for r in history)
+    if best > loss_threshold:
+        warnings.append(f"pretraining loss never went below {loss_threshold} (best {best:.4f} over "
+                        f"{len(history)} epoch(s), {sum(int(r.get('steps', 0)) for r in history)} steps): "
+                        "SimSiam did not learn")
+    z = float(history[-1]["z_std"]) * math.sqrt(dim) if dim else None
+    if z is not None and z < collapsed:
+        warnings.append(f"final z_std*sqrt(d) {z:.3f} < {collapsed}: the output collapsed to a constant "
+                        "(as without stop-gradient, paper Fig. 2)")
+    return warnings
+
+
+def pretraining_check(stats: dict, history: Optional[list] = None, dim: int = 0) -> dict:
+    """The no-op/collapse verdict of one pretrained backbone: ``{"ok", "problems", "advice", ...}``."""
+    problems = stuck_scale_warnings(stats) + training_warnings(history or [], dim)
+    advice = ("train longer (more SOLVER.EPOCHS or images), raise SOLVER.BASE_LR, and check "
+              "MODEL.STOP_GRADIENT / MODEL.PREDICTOR; fine-tuning this backbone measures its initialisation, "
+              "not SimSiam") if problems else ""
+    return {
+        "ok": not problems, "problems": problems, "advice": advice,
+        "best_loss": min((float(r["loss"]) for r in history), default=None) if history else None,
+        "final_z_std_times_sqrt_d": float(history[-1]["z_std"]) * math.sqrt(dim) if history and dim else None,
+        "epochs": len(history or []),
+    }

@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import json
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from detection.executors import LocalExecutor, SubmititExecutor, device_slots
 from detection.runstore import RunStore
 from detection.spec import SweepSpec, Trial, sweep_spec_from_args
 from simsiam_transfer import atomic
+from simsiam_transfer.checkpoints import conversion_warnings
 from simsiam_transfer.errors import UserError
 
 SETTINGS = "bench.json"
@@ -268,6 +270,9 @@ class Bench:
               f"{s['bn_group']} images, {s['max_iter']} iterations ({s['scaling']})", flush=True)
         if s["flags"]:
             print(f"[bench] WARNING: not the protocol's setup: {'; '.join(s['flags'])}", flush=True)
+        if self.settings["weights"] != "none":
+            for warning in conversion_warnings(self.settings["weights"]):
+                print(f"[bench] WARNING: {warning}", file=sys.stderr, flush=True)
         executor = self._executor()
         planned = len(protocol.search_plan(lrs, self.spec.trials, self.spec.search)) + \
             len(protocol.repeat_plan(lrs[0], self.spec.trials, self.spec.search))

@@ -15,9 +15,12 @@ torchvision          (none)                       classifier ``fc.*``
 """
 
 import io
+import json
 import pickle
 import re
 import warnings
+from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -214,7 +217,41 @@ def extract_backbone(path, source="auto"):
     depth, block = resnet_layout(backbone, path)
     check_complete(backbone, depth, path)
     backbone = {k: v.float() if v.is_floating_point() else v for k, v in backbone.items()}
-    return backbone, {"source": source, "depth": depth, "block": block, "dropped": dropped}
+    return backbone, {"source": source, "depth": depth, "block": block, "dropped": dropped,
+                      "training": training_record(checkpoint)}
+
+
+def training_record(checkpoint) -> Optional[dict]:
+    """This project's pretraining checkpoints carry per-epoch ``history`` and the projector dim d."""
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("history"), list):
+        return None
+    import yaml
+
+    try:
+        dim = int(yaml.safe_load(checkpoint.get("config") or "").get("MODEL", {}).get("DIM", 0))
+    except (yaml.YAMLError, AttributeError, TypeError, ValueError):
+        dim = 0
+    return {"history": checkpoint["history"], "dim": dim}
+
+
+
+def conversion_report_path(weights) -> Path:
+    """``convert`` writes its report beside the weights file: ``OUTPUT.report.json``."""
+    return Path(f"{weights}.report.json")
+
+
+def conversion_warnings(weights) -> list:
+    """The converter's warnings about ``weights`` (near-identity blocks, a pretraining that did not
+    learn or collapsed), read from its report; [] when there is no report or nothing was wrong."""
+    path = conversion_report_path(weights)
+    if not path.is_file():
+        return []
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return [f"{path}: unreadable conversion report; convert the checkpoint again to check it"]
+    advice = (report.get("pretraining_check") or {}).get("advice")
+    return [f"{Path(weights).name}: {w}" + (f"; {advice}" if advice else "") for w in report.get("warnings", [])]
 
 
 # -- detectron2 pickles: an unpickler that only rebuilds numpy arrays and plain containers ------------

@@ -83,6 +83,15 @@ def _fig2(args):
     return 0
 
 
+def _repro(args):
+    from pretrain.repro import markdown_table, run_experiments
+
+    summaries = run_experiments(args.config, args.output_dir, args.overrides, args.experiments.split(","))
+    print(markdown_table(summaries))
+    print(f"wrote {args.output_dir}/{{{','.join(summaries)}}}.{{json,png}} and repro.md")
+    return 0
+
+
 def _bench(args):
     from detection.bench import bench_command
 
@@ -113,12 +122,12 @@ def build_parser():
 
     data = sub.add_parser("data", help="generated datasets and dataset validation")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    p = data_sub.add_parser("make-synthetic", help="write deterministic VOC/COCO/unlabeled shape datasets")
+    p = data_sub.add_parser("make-synthetic", help="write deterministic VOC/COCO/unlabeled/labeled datasets (skimage textures)")
     p.add_argument("--out", required=True, help="output folder (replaced as a whole)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-train", type=int, default=48, help="VOC trainval / COCO train images")
-    p.add_argument("--num-test", type=int, default=24, help="VOC test / COCO val images")
-    p.add_argument("--num-unlabeled", type=int, default=256, help="unlabeled pretraining images")
+    p.add_argument("--num-train", type=int, default=300, help="VOC trainval / COCO train images")
+    p.add_argument("--num-test", type=int, default=200, help="VOC test / COCO val images")
+    p.add_argument("--num-unlabeled", type=int, default=4000, help="unlabeled pretraining images")
     p.add_argument("--image-size", type=int, default=128)
     p.set_defaults(func=_make_synthetic)
     p = data_sub.add_parser("check", help="validate a VOC root, a COCO json + image folder, or an image folder")
@@ -148,6 +157,13 @@ def build_parser():
     p.add_argument("--output-dir", required=True, help="holds both runs, fig2.json and fig2.png")
     p.add_argument("overrides", nargs="*", metavar="KEY VALUE")
     p.set_defaults(func=_fig2)
+
+    p = sub.add_parser("repro", help="the paper's Fig. 2, Table 1 and Table 3 as pretraining runs + JSON/PNG/table")
+    p.add_argument("--config", default="pretrain/simsiam_R_18_repro.yaml", help="pretraining YAML")
+    p.add_argument("--output-dir", required=True, help="holds every run, <experiment>.json/.png and repro.md")
+    p.add_argument("--experiments", default="fig2,table1,table3", help="comma-separated subset")
+    p.add_argument("overrides", nargs="*", metavar="KEY VALUE")
+    p.set_defaults(func=_repro)
 
     p = sub.add_parser("convert", help="pretraining checkpoint -> detectron2 / torchvision weights, verified")
     p.add_argument("input", help="pretraining checkpoint (.pth / .pth.tar)")

@@ -31,7 +31,7 @@ from typing import List, Optional
 
 import torch
 
-from convert.command import convert_checkpoint, print_summary, report_path
+from convert.command import check_pretraining_run, convert_checkpoint, print_summary
 from detection import protocol
 from detection.bench import Bench
 from detection.spec import ExecutorOptions, SweepSpec
@@ -39,6 +39,7 @@ from detection.report import load_benches, plot_ap_vs_lr, render
 from pretrain import checkpoint
 from pretrain.config import load_cfg as load_pretrain_cfg
 from simsiam_transfer import atomic
+from simsiam_transfer.checkpoints import conversion_report_path
 from simsiam_transfer.config import CfgNode as CN
 from simsiam_transfer.config import flatten, load, merge_node
 from simsiam_transfer.errors import UserError
@@ -49,6 +50,10 @@ _P.OUTPUT_DIR = "runs/pipeline"
 _P.DATA = CN()
 _P.DATA.SYNTHETIC = False        # generate the built-in mini data under OUTPUT_DIR/data
 _P.DATA.SYNTHETIC_SEED = 0
+_P.DATA.SYNTHETIC_SIZE = CN()     # image counts of the generated data; 0 = the generator's default
+_P.DATA.SYNTHETIC_SIZE.NUM_TRAIN = 0
+_P.DATA.SYNTHETIC_SIZE.NUM_TEST = 0
+_P.DATA.SYNTHETIC_SIZE.NUM_UNLABELED = 0
 _P.DATA.DATASETS = ""            # dataset catalog for fine-tuning (default with SYNTHETIC: the generated one)
 _P.DATA.DATA_ROOT = ""           # root of the standard VOC/COCO folders
 _P.PRETRAIN = CN()
@@ -186,7 +191,8 @@ class Pipeline:
             return "skipped (DATA.SYNTHETIC False)"
         if (self.data_dir / "datasets.yaml").is_file():
             return "done earlier"
-        make_synthetic(self.data_dir, seed=self.cfg.DATA.SYNTHETIC_SEED)
+        sizes = {k.lower(): v for k, v in self.cfg.DATA.SYNTHETIC_SIZE.items() if v > 0}
+        make_synthetic(self.data_dir, seed=self.cfg.DATA.SYNTHETIC_SEED, **sizes)
         return "done"
 
     def pretrain_cfg(self, row: Row):
@@ -211,7 +217,18 @@ class Pipeline:
         if proc.returncode:
             raise UserError(f"pretraining of row {row.id} stopped with exit {proc.returncode} (its error is "
                             f"above); fix it and run the pipeline again, it resumes from {cfg.OUTPUT_DIR}")
-        return f"done ({nproc} process{'es' if nproc > 1 else ''})"
+        return f"done ({nproc} process{'es' if nproc > 1 else ''}{self._warn_if_not_learned(row, last)})"
+
+    def _warn_if_not_learned(self, row: Row, last: Path) -> str:
+        """The converter's no-op/collapse verdict, right after pretraining: cheap, and before any
+        fine-tune is spent on a run that learned nothing (a no-stop-gradient row collapses by design)."""
+        check = check_pretraining_run(last)
+        for problem in check["problems"]:
+            print(f"[pipeline] WARNING: row {row.id}: {problem}", flush=True)
+        if check["problems"] and check.get("advice"):
+            print(f"[pipeline] {check['advice']}", flush=True)
+        n = len(check["problems"])
+        return f"; {n} warning{'s' if n > 1 else ''}" if n else ""
 
     def _source_checkpoint(self, row: Row) -> Path:
         if row.pretrained_here:
@@ -247,7 +264,7 @@ class Pipeline:
     def stage_convert(self, row: Row):
         source = self._source_checkpoint(row)
         weights = Path(self.weights_path(row))
-        if (weights.is_file() and report_path(weights).is_file()
+        if (weights.is_file() and conversion_report_path(weights).is_file()
                 and weights.stat().st_mtime >= source.stat().st_mtime):
             return "done earlier"
         src = "torchvision" if row.weights.startswith("torchvision:") else row.source

@@ -82,7 +82,7 @@ def test_a_typo_in_a_row_costs_nothing(tmp_path):
 @pytest.mark.slow
 def test_pipeline_pretrains_under_torchrun_then_resumes(tmp_path):
     """Two CPU processes pretrain (gloo DDP), then convert, bench and report run once."""
-    path = _write(tmp_path, """DATA: {SYNTHETIC: True}
+    path = _write(tmp_path, """DATA: {SYNTHETIC: True, SYNTHETIC_SIZE: {NUM_TRAIN: 24, NUM_TEST: 12, NUM_UNLABELED: 96}}
 PRETRAIN: {NPROC_PER_NODE: 2}
 ROWS:
   simsiam:
@@ -107,7 +107,9 @@ BENCH:
     proc = run_cli("pipeline", "--config", path, "OUTPUT_DIR", out, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = json.loads((out / "pipeline.json").read_text())["stages"]
-    assert state["pretrain:simsiam"]["status"] == "done (2 processes)"
+    assert state["pretrain:simsiam"]["status"].startswith("done (2 processes; ")
+    # Two steps learn nothing: the pipeline says so before any fine-tune is spent on it.
+    assert "[pipeline] WARNING: row simsiam:" in proc.stdout
     assert all(s["status"].startswith("done") or s["status"].startswith("skipped") for s in state.values())
     assert "pretrain:scratch" not in state and "convert:scratch" not in state
     # Both ranks trained: the checkpoint records the world size through its per-rank RNG states.
