@@ -57,6 +57,7 @@ def reference_convert(src: str, dst: str) -> None:
 
 def child(variant: str, src: str, dst: str) -> dict:
     import torch  # noqa: F401  (imports are not part of the conversion's time)
+    import torchvision  # noqa: F401  (the converter imports it lazily)
 
     from convert.command import convert_checkpoint
 

@@ -1,4 +1,6 @@
-"""Fine-tuning: s/iteration of our ``finetune`` trainer against detectron2's plain ``DefaultTrainer`` (one JSON line).
+"""Fine-tuning: s/iteration of our ``finetune`` trainer against detectron2's plain ``DefaultTrainer``.
+
+The JSON line is the last line of stdout (detectron2's logs come before it).
 
     python benchmarks/finetune.py                  # mini VOC config, 40 iterations of each, alternating
     python benchmarks/finetune.py --iters 20

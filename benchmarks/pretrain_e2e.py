@@ -16,6 +16,7 @@ work, no loading). Also reported, measured by timing each phase alone:
 """
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -129,8 +130,10 @@ def main(argv=None):
                   "sync_ms_per_step": sync_cost(cfg.SOLVER.BATCH_SIZE, cfg.MODEL.DIM),
                   "num_workers": {}}
         for workers in (int(w) for w in args.workers.split(",")):
-            record["num_workers"][str(workers)] = measure_workers(data, work, workers, args.rounds, args.warmup, args.amp,
-                                                                       record["sync_ms_per_step"])
+            result = measure_workers(data, work, workers, args.rounds, args.warmup, args.amp,
+                                     record["sync_ms_per_step"])
+            record["num_workers"][str(workers)] = result
+            print(f"pretrain_e2e NUM_WORKERS {workers}: {result}", file=sys.stderr, flush=True)
     emit(record)
 
 

@@ -145,7 +145,7 @@ def run_case(name, rounds, steps, levers):
         variants[key] = lambda step=step, a=a, b=b: step(a, b)
     wall, cpu = interleaved(variants, rounds, steps, warmup=1)
     result = {"backbone": backbone, "crop_px": size, "batch": batch, "rounds": rounds, "steps_per_round": steps,
-              "img_per_s": {k: round(batch / median(t), 1) for k, t in wall.items()},
+              "img_per_s": {k: round(batch / median(t), 2) for k, t in wall.items()},
               "ratio": {k: paired_ratio(wall["reference"], t) for k, t in wall.items() if k != "reference"},
               "ratio_cpu_time": {k: paired_ratio(cpu["reference"], t) for k, t in cpu.items() if k != "reference"}}
     if levers:
