@@ -4,14 +4,16 @@ pre-loaded batches (the bare step), and where the difference goes (one JSON line
     python benchmarks/pretrain_e2e.py                       # mini recipe, generated 128-px JPEGs
     python benchmarks/pretrain_e2e.py --workers 0,1 --rounds 4 --image-px 384
 
-Generates the mini recipe's data (``make_synthetic``: 256 unlabeled images = 4 steps of 64, the
+Generates the mini recipe's data (``make_synthetic``: 256 unlabeled images = 8 steps of 32, small
 labeled kNN folders), then for each DATA.NUM_WORKERS builds the engine's ``Pretrainer`` for the
 mini recipe and times, in interleaved rounds, one epoch with its DataLoader (``e2e``) and one epoch
 whose loader is a list of already-augmented batches (``bare``: the engine's step and its per-step
 work, no loading). Also reported, measured by timing each phase alone:
   data_ms_per_img   decode, and the two-view augmentation, in the main process
-  sync_ms_per_step  the engine's per-step host work on a batch's outputs: finite check, loss and
-                    z_std ``.item()`` (on CPU an ``.item()`` waits for nothing; its cost is the work it forces)
+  sync_ms_per_step  what per-step host reads of a batch's outputs would cost (finite check, loss and
+                    z_std ``.item()``): the engine now keeps them on the device and reads once per
+                    ``SOLVER.LOG_PERIOD`` steps (on CPU an ``.item()`` waits for nothing; its cost is the
+                    work it forces)
   knn_s             the kNN monitor once (the mini recipe runs it every epoch)
 """
 
@@ -29,6 +31,7 @@ from _common import emit, interleaved, machine, median, paired_ratio
 from pretrain.config import load_cfg
 from pretrain.data import TwoViewDataset, list_images, simsiam_augmentation
 from pretrain.engine import Pretrainer
+from pretrain.hooks import KnnMonitor, TrainMetrics
 from pretrain.loss import normalized_std
 
 MINI = "pretrain/simsiam_R_18_mini.yaml"
@@ -74,24 +77,32 @@ def mini_cfg(data: Path, out: Path, workers: int, amp: bool):
 
 def measure_workers(data: Path, work: Path, workers: int, rounds: int, warmup: int, amp: bool,
                     sync_ms: float) -> dict:
-    trainer = Pretrainer(mini_cfg(data, work / f"w{workers}", workers, amp))
-    real_loader = trainer.loader
-    steps = len(real_loader)
-    batches = [batch for _, batch in zip(range(steps), real_loader)]
-    epoch = iter(range(1_000_000))
+    """The engine's epoch (its loader, then ``run_step`` + the per-step metrics hook) against the same
+    steps on batches already in memory; then the kNN monitor once."""
+    trainer = Pretrainer(mini_cfg(data, work / f"w{workers}", workers, amp), hooks=[TrainMetrics()])
+    steps = trainer.steps_per_epoch
+    batches = [batch for batch, _ in trainer.epoch_batches(0)]
+    epoch = iter(range(1, 1_000_000))
 
     def e2e():
-        trainer.loader = real_loader
-        trainer.train_one_epoch(next(epoch))
+        trainer.epoch = next(epoch)
+        trainer._call("before_epoch")
+        trainer.train_one_epoch()
 
     def bare():
-        trainer.loader = batches
-        trainer.train_one_epoch(next(epoch))
+        trainer._call("before_epoch")
+        trainer.ddp.train()
+        for trainer.iter, (x1, x2, index) in enumerate(batches):
+            trainer.step_outputs = trainer.run_step(x1, x2, index)
+            trainer._call("after_step")
 
     wall, cpu = interleaved({"e2e": e2e, "bare": bare}, rounds, steps=1, warmup=warmup)
     batch = trainer.per_process_batch
+    knn = KnnMonitor()
+    knn.trainer = trainer
+    trainer.epoch, trainer.record = trainer.cfg.SOLVER.EPOCHS - 1, {}  # the last epoch always runs kNN
     knn_start = time.perf_counter()
-    trainer.knn_top1()
+    knn.after_epoch()
     knn_s = time.perf_counter() - knn_start
     e2e_s, bare_s = median(wall["e2e"]), median(wall["bare"])
     result = {
@@ -104,7 +115,7 @@ def measure_workers(data: Path, work: Path, workers: int, rounds: int, warmup: i
         "knn_share_of_epoch_plus_knn": round(knn_s / (knn_s + e2e_s), 3),
         "main_process_cpu_s_per_epoch": {k: round(median(v), 2) for k, v in cpu.items()},
     }
-    del trainer, real_loader
+    del trainer, batches
     return result
 
 
@@ -121,7 +132,8 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
-        data = make_synthetic(work / "data", num_train=4, num_test=4, image_size=args.image_px)
+        data = make_synthetic(work / "data", num_train=4, num_test=4, num_unlabeled=256,
+                              labeled_per_class=(20, 10), image_size=args.image_px)
         cfg = mini_cfg(data, work / "probe", 0, args.amp)
         record = {"benchmark": "pretrain_e2e", "machine": machine(), "config": MINI,
                   "images": len(list_images(data / "unlabeled")), "image_px": args.image_px, "amp": args.amp,

@@ -30,6 +30,7 @@ from _common import emit, interleaved, machine, median, paired_ratio
 
 from pretrain.config import load_cfg
 from pretrain.loss import normalized_std, simsiam_loss
+from pretrain.engine import choose_precision, prepare_model, to_device, train_step
 from pretrain.model import build_model
 
 CASES = {  # name: (backbone, crop px, batch, DIM, PRED_DIM) -- R18 as the mini recipe, R50 as the paper
@@ -92,27 +93,33 @@ def our_step(cfg, channels_last: bool, bf16: bool):
             p1, p2, z1, z2 = model(x1, x2)
         p1, p2, z1, z2 = p1.float(), p2.float(), z1.float(), z2.float()
         loss = simsiam_loss(p1, p2, z1, z2)
-        # The engine's per-step host work today: finite check, loss and z_std for the log.
-        if not torch.isfinite(loss).item():
-            raise FloatingPointError("loss is not finite")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss.item()
-        normalized_std(z1).item()
+        return loss.detach(), normalized_std(z1.detach())  # kept on the device, as the engine does
     return step
 
 
-def interim_engine_step(cfg):
-    """The engine's CPU policy until it exposes its own step: channels_last always, bf16 autocast
-    behind SOLVER.AMP where the CPU has native bf16."""
-    bf16 = bool(cfg.SOLVER.AMP) and torch.cpu._is_avx512_bf16_supported()
-    return our_step(cfg, channels_last=True, bf16=bf16)
+def engine_step(cfg):
+    """The engine's own step (``pretrain.engine.train_step``) with its CPU policy: ``prepare_model``
+    (channels_last), ``to_device`` and ``choose_precision`` (bf16 autocast behind SOLVER.AMP), and
+    the per-step metrics work of its ``TrainMetrics`` hook (device-side sums, no host read)."""
+    device = torch.device("cpu")
+    model = prepare_model(build_model(cfg), device)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameter_groups(cfg.SOLVER.FIX_PRED_LR), lr=cfg.SOLVER.BASE_LR,
+                                momentum=cfg.SOLVER.MOMENTUM, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+    precision = choose_precision(bool(cfg.SOLVER.AMP), device)
+    sums = torch.zeros(3)
+
+    def step(x1, x2):
+        nonlocal sums
+        loss, z1 = train_step(model, optimizer, to_device(x1, device), to_device(x2, device), precision=precision)
+        sums = sums + torch.stack([loss.float(), normalized_std(z1), (~torch.isfinite(loss)).float()])
+    return step
 
 
-# SWITCH after the engine's step is merged: make OURS the engine's factory, ``OURS(cfg) -> step(x1, x2)``
-# (one optimisation step on CPU NCHW float tensors, with the engine's per-step host work).
-OURS = interim_engine_step
+OURS = engine_step
 
 
 def case_cfg(backbone, size, batch, dim, pred_dim, amp):
