@@ -30,7 +30,7 @@ from _common import emit, interleaved, machine, median, paired_ratio
 
 from pretrain.config import load_cfg
 from pretrain.loss import normalized_std, simsiam_loss
-from pretrain.engine import choose_precision, prepare_model, to_device, train_step
+from pretrain.engine import choose_precision, memory_format, prepare_model, to_device, train_step
 from pretrain.model import build_model
 
 CASES = {  # name: (backbone, crop px, batch, DIM, PRED_DIM) -- R18 as the mini recipe, R50 as the paper
@@ -101,20 +101,22 @@ def our_step(cfg, channels_last: bool, bf16: bool):
 
 
 def engine_step(cfg):
-    """The engine's own step (``pretrain.engine.train_step``) with its CPU policy: ``prepare_model``
-    (channels_last), ``to_device`` and ``choose_precision`` (bf16 autocast behind SOLVER.AMP), and
+    """The engine's own step (``pretrain.engine.train_step``) with its CPU policy: ``choose_precision``
+    (bf16 autocast behind SOLVER.AMP), ``memory_format`` (channels_last with bf16 only), and
     the per-step metrics work of its ``TrainMetrics`` hook (device-side sums, no host read)."""
     device = torch.device("cpu")
-    model = prepare_model(build_model(cfg), device)
+    precision = choose_precision(bool(cfg.SOLVER.AMP), device)
+    fmt = memory_format(device, precision)
+    model = prepare_model(build_model(cfg), device, fmt)
     model.train()
     optimizer = torch.optim.SGD(model.parameter_groups(cfg.SOLVER.FIX_PRED_LR), lr=cfg.SOLVER.BASE_LR,
                                 momentum=cfg.SOLVER.MOMENTUM, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
-    precision = choose_precision(bool(cfg.SOLVER.AMP), device)
     sums = torch.zeros(3)
 
     def step(x1, x2):
         nonlocal sums
-        loss, z1 = train_step(model, optimizer, to_device(x1, device), to_device(x2, device), precision=precision)
+        loss, z1 = train_step(model, optimizer, to_device(x1, device, fmt), to_device(x2, device, fmt),
+                              precision=precision)
         sums = sums + torch.stack([loss.float(), normalized_std(z1), (~torch.isfinite(loss)).float()])
     return step
 

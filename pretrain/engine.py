@@ -86,13 +86,20 @@ def choose_precision(amp: bool, device: torch.device) -> Precision:
     return Precision(device.type)
 
 
-def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """channels_last on CPU and GPU: NHWC convolutions are faster on both (same math)."""
-    return model.to(device).to(memory_format=torch.channels_last)
+def memory_format(device: torch.device, precision: Precision) -> torch.memory_format:
+    """channels_last (same math) where it is faster: on GPUs, and on CPUs with bf16 autocast; in fp32
+    on CPU it measured 0.88x (R18) and 1.04x (R50) of NCHW here (README, Measured)."""
+    fast = device.type == "cuda" or precision.dtype == torch.bfloat16
+    return torch.channels_last if fast else torch.contiguous_format
 
 
-def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+def prepare_model(model: torch.nn.Module, device: torch.device,
+                  fmt: torch.memory_format = torch.channels_last) -> torch.nn.Module:
+    return model.to(device).to(memory_format=fmt)
+
+
+def to_device(x: torch.Tensor, device: torch.device, fmt: torch.memory_format = torch.channels_last) -> torch.Tensor:
+    return x.to(device, non_blocking=True).contiguous(memory_format=fmt)
 
 
 Targets = Union[None, Tuple[torch.Tensor, torch.Tensor], Callable]
@@ -170,7 +177,8 @@ class Pretrainer:
         self.model = build_model(cfg)
         if self.dist.distributed and self.device.type == "cuda":
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.model = prepare_model(self.model, self.device)
+        self.memory_format = memory_format(self.device, self.precision)
+        self.model = prepare_model(self.model, self.device, self.memory_format)
         self.init_lr = initial_lr(cfg.SOLVER.BASE_LR, cfg.SOLVER.BATCH_SIZE)
         self.optimizer = torch.optim.SGD(self.model.parameter_groups(cfg.SOLVER.FIX_PRED_LR), lr=self.init_lr,
                                          momentum=cfg.SOLVER.MOMENTUM, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
@@ -228,7 +236,7 @@ class Pretrainer:
                           generator=torch.Generator().manual_seed(derived_seed(*base)), **batching)
 
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
-        return to_device(x, self.device)
+        return to_device(x, self.device, self.memory_format)
 
     def forward_encoder(self, x: torch.Tensor) -> torch.Tensor:
         p = self.precision
