@@ -25,24 +25,18 @@ TITLES = {"voc07": "VOC 07", "voc0712": "VOC 07+12", "coco_1x": "COCO 1x", "coco
 TASK_TITLES = dict(zip(TASKS, ("det.", "seg.")))
 # The SimSiam paper's Table 5 (Chen & He, CVPR 2021): AP50 / AP / AP75 per column; VOC is the
 # mean over 5 trials; COCO is Mask R-CNN R50-C4 1x. Keys: our benchmark name (without _mini), task.
-PAPER_TABLE5 = {
-    "scratch": {"voc07": (35.9, 16.8, 13.0), "voc0712": (60.2, 33.8, 33.1),
-                "coco_1x/bbox": (44.0, 26.4, 27.8), "coco_1x/segm": (46.9, 29.3, 30.8)},
-    "ImageNet supervised": {"voc07": (74.4, 42.4, 42.7), "voc0712": (81.3, 53.5, 58.8),
-                            "coco_1x/bbox": (58.2, 38.2, 41.2), "coco_1x/segm": (54.7, 33.3, 35.2)},
-    "SimCLR (repro.+)": {"voc07": (75.9, 46.8, 50.1), "voc0712": (81.8, 55.5, 61.4),
-                         "coco_1x/bbox": (57.7, 37.9, 40.9), "coco_1x/segm": (54.6, 33.3, 35.3)},
-    "MoCo v2 (repro.+)": {"voc07": (77.1, 48.5, 52.5), "voc0712": (82.3, 57.0, 63.3),
-                          "coco_1x/bbox": (58.8, 39.2, 42.5), "coco_1x/segm": (55.5, 34.3, 36.6)},
-    "BYOL (repro.)": {"voc07": (77.1, 47.0, 49.9), "voc0712": (81.4, 55.3, 61.1),
-                      "coco_1x/bbox": (57.8, 37.9, 40.9), "coco_1x/segm": (54.3, 33.2, 35.0)},
-    "SwAV (repro.+)": {"voc07": (75.5, 46.5, 49.6), "voc0712": (81.5, 55.4, 61.4),
-                       "coco_1x/bbox": (57.6, 37.6, 40.3), "coco_1x/segm": (54.2, 33.1, 35.1)},
-    "SimSiam, base": {"voc07": (75.5, 47.0, 50.2), "voc0712": (82.0, 56.4, 62.8),
-                      "coco_1x/bbox": (57.5, 37.9, 40.9), "coco_1x/segm": (54.2, 33.2, 35.2)},
-    "SimSiam, optimal": {"voc07": (77.3, 48.5, 52.5), "voc0712": (82.4, 57.0, 63.7),
-                         "coco_1x/bbox": (59.3, 39.2, 42.1), "coco_1x/segm": (56.0, 34.4, 36.7)},
-}
+_PAPER_COLUMNS = ("voc07", "voc0712", "coco_1x/bbox", "coco_1x/segm")
+_PAPER_ROWS = (
+    ("scratch", (35.9, 16.8, 13.0), (60.2, 33.8, 33.1), (44.0, 26.4, 27.8), (46.9, 29.3, 30.8)),
+    ("ImageNet supervised", (74.4, 42.4, 42.7), (81.3, 53.5, 58.8), (58.2, 38.2, 41.2), (54.7, 33.3, 35.2)),
+    ("SimCLR (repro.+)", (75.9, 46.8, 50.1), (81.8, 55.5, 61.4), (57.7, 37.9, 40.9), (54.6, 33.3, 35.3)),
+    ("MoCo v2 (repro.+)", (77.1, 48.5, 52.5), (82.3, 57.0, 63.3), (58.8, 39.2, 42.5), (55.5, 34.3, 36.6)),
+    ("BYOL (repro.)", (77.1, 47.0, 49.9), (81.4, 55.3, 61.1), (57.8, 37.9, 40.9), (54.3, 33.2, 35.0)),
+    ("SwAV (repro.+)", (75.5, 46.5, 49.6), (81.5, 55.4, 61.4), (57.6, 37.6, 40.3), (54.2, 33.1, 35.1)),
+    ("SimSiam, base", (75.5, 47.0, 50.2), (82.0, 56.4, 62.8), (57.5, 37.9, 40.9), (54.2, 33.2, 35.2)),
+    ("SimSiam, optimal", (77.3, 48.5, 52.5), (82.4, 57.0, 63.7), (59.3, 39.2, 42.1), (56.0, 34.4, 36.7)),
+)
+PAPER_TABLE5 = {name: dict(zip(_PAPER_COLUMNS, cells)) for name, *cells in _PAPER_ROWS}
 COMPARED_TO = ("SimSiam, base", "SimSiam, optimal")
 
 

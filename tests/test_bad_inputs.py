@@ -114,15 +114,19 @@ class Ctx:
         return ["convert", src, out or self.tmp / "out.pkl"]
 
 
-# Each case: ctx -> (argv, [substrings the one stderr line must hold]).
-CASES = {}
-
-
-def case(name):
-    def register(fn):
-        CASES[name] = fn
-        return fn
+def _registry(table):
+    """A decorator ``@register(name)`` that files the decorated case under ``name`` in ``table``."""
+    def register(name):
+        def add(fn):
+            table[name] = fn
+            return fn
+        return add
     return register
+
+
+# Each case: ctx -> (argv, [substrings the one stderr line must hold]).
+CASES: dict = {}
+case = _registry(CASES)
 
 
 # -- checkpoints given to convert ----------------------------------------------------------------
@@ -243,12 +247,6 @@ def _(c):
     return c.finetune(weights=bad), [str(bad), "truncated or corrupt"]
 
 
-@case("finetune/weights-payload-pkl")
-def _(c):
-    bad = c.file("evil.pkl", pickle.dumps({"model": {"w": np.zeros(2)}, "x": _Payload(c.marker)}))
-    return c.finetune(weights=bad), [str(bad), "posix.system"]
-
-
 @case("finetune/weights-nan-pkl")
 def _(c):
     payload = pickle.loads(c.r18_pkl.read_bytes())
@@ -257,10 +255,12 @@ def _(c):
     return c.finetune(weights=bad), [str(bad), "NaN/inf", "res4.0.conv1.weight"]
 
 
-@case("bench/weights-payload-pkl")
-def _(c):
-    bad = c.file("evil.pkl", pickle.dumps({"model": {"w": np.zeros(2)}, "x": _Payload(c.marker)}))
-    return c.bench(weights=bad), [str(bad), "posix.system"]
+# A .pkl whose unpickling would run a command, given as --weights to both commands that take one.
+for _command in ("finetune", "bench"):
+    @case(f"{_command}/weights-payload-pkl")
+    def _(c, command=_command):
+        bad = c.file("evil.pkl", pickle.dumps({"model": {"w": np.zeros(2)}, "x": _Payload(c.marker)}))
+        return getattr(c, command)(weights=bad), [str(bad), "posix.system"]
 
 
 # -- images for pretraining (checked before OUTPUT_DIR is written) -------------------------------
@@ -289,10 +289,20 @@ def _(c):
 
 
 # -- configs: tags (one per entry point), unknown keys, wrong types ------------------------------
-@case("tag/pretrain --config")
-def _(c):
-    evil = c.file("evil.yaml", _tag_yaml(c.marker))
-    return c.pretrain(config=evil), [str(evil), "refused the YAML tag !!python/object/apply:os.system"]
+# A tagged config given to every command that reads one: refused naming the file and the tag.
+_TAGGED_CONFIG_COMMANDS = {
+    "pretrain --config": lambda c, evil: c.pretrain(config=evil),
+    "linear --config": lambda c, evil: ["linear", "--config", evil],
+    "fig2 --config": lambda c, evil: ["fig2", "--config", evil, "--output-dir", c.tmp / "fig2"],
+    "finetune --config": lambda c, evil: c.finetune(config=evil),
+    "bench --benchmark FILE": lambda c, evil: c.bench(benchmark=evil),
+    "pipeline --config": lambda c, evil: ["pipeline", "--config", evil],
+}
+for _command, _argv in _TAGGED_CONFIG_COMMANDS.items():
+    @case(f"tag/{_command}")
+    def _(c, argv=_argv):
+        evil = c.file("evil.yaml", _tag_yaml(c.marker))
+        return argv(c, evil), [str(evil), "refused the YAML tag !!python/object/apply:os.system"]
 
 
 @case("tag/pretrain --config with a tagged _BASE_")
@@ -302,42 +312,12 @@ def _(c):
     return c.pretrain(config=child), ["evil.yaml", "refused the YAML tag"]
 
 
-@case("tag/linear --config")
-def _(c):
-    evil = c.file("evil.yaml", _tag_yaml(c.marker))
-    return ["linear", "--config", evil], [str(evil), "refused the YAML tag"]
-
-
-@case("tag/fig2 --config")
-def _(c):
-    evil = c.file("evil.yaml", _tag_yaml(c.marker))
-    return ["fig2", "--config", evil, "--output-dir", c.tmp / "fig2"], [str(evil), "refused the YAML tag"]
-
-
-@case("tag/finetune --config")
-def _(c):
-    evil = c.file("evil.yaml", _tag_yaml(c.marker))
-    return c.finetune(config=evil), [str(evil), "refused the YAML tag"]
-
-
 @case("tag/finetune --datasets catalog")
 def _(c):
     evil = c.file("catalog.yaml", f"voc: !!python/object/apply:os.system ['touch {c.marker}']\n")
     args = c.finetune()
     args[args.index("--datasets") + 1] = evil
     return args, [str(evil), "refused the YAML tag"]
-
-
-@case("tag/bench --benchmark FILE")
-def _(c):
-    evil = c.file("evil.yaml", _tag_yaml(c.marker))
-    return c.bench(benchmark=evil), [str(evil), "refused the YAML tag"]
-
-
-@case("tag/pipeline --config")
-def _(c):
-    evil = c.file("evil.yaml", f"OUTPUT_DIR: !!python/object/apply:os.system ['touch {c.marker}']\n")
-    return ["pipeline", "--config", evil], [str(evil), "refused the YAML tag"]
 
 
 @case("config/pretrain unknown key in file")
@@ -488,14 +468,8 @@ def test_corpus_covers_every_group():
 
 
 # -- data check: each corruption reported with its file and record -------------------------------
-DATA_CASES = {}
-
-
-def data_case(name):
-    def register(fn):
-        DATA_CASES[name] = fn
-        return fn
-    return register
+DATA_CASES: dict = {}
+data_case = _registry(DATA_CASES)
 
 
 def _coco(c, edit):
@@ -524,52 +498,42 @@ def _replace_first_tag(xml, tag, value):
     return xml[:start] + str(value) + xml[xml.index(f"</{tag}>", start):]
 
 
-@data_case("coco/duplicate image id")
-def _(c):
-    def edit(doc):
-        doc["images"][1]["id"] = doc["images"][0]["id"]
-    argv, doc = _coco(c, edit)
-    return argv, "duplicate image id", [f"image id {doc['images'][0]['id']}", doc["images"][1]["file_name"]]
+def _image_id(i):
+    return lambda doc: f"image id {doc['images'][i]['id']}"
 
 
-@data_case("coco/duplicate annotation id")
-def _(c):
-    def edit(doc):
-        doc["annotations"][1]["id"] = doc["annotations"][0]["id"]
-    argv, doc = _coco(c, edit)
-    return argv, "duplicate annotation id", [f"annotation id {doc['annotations'][0]['id']}"]
+def _annotation_id(i):
+    return lambda doc: f"annotation id {doc['annotations'][i]['id']}"
 
 
-@data_case("coco/polygon with an odd number of values")
-def _(c):
-    def edit(doc):
-        doc["annotations"][0]["segmentation"] = [[10, 10, 20, 10, 20, 20, 10]]
-    argv, doc = _coco(c, edit)
-    return argv, "polygon with an odd number of values", [f"annotation id {doc['annotations'][0]['id']}", "7 values"]
-
-
-@data_case("coco/segmentation that is a string")
-def _(c):
-    def edit(doc):
-        doc["annotations"][2]["segmentation"] = "10 10 20 20"
-    argv, doc = _coco(c, edit)
-    return argv, "segmentation is a string", [f"annotation id {doc['annotations'][2]['id']}"]
-
-
-@data_case("coco/absolute file_name outside the image root")
-def _(c):
-    def edit(doc):
-        doc["images"][0]["file_name"] = "/etc/hostname"
-    argv, doc = _coco(c, edit)
-    return argv, "file_name outside the image root", [f"image id {doc['images'][0]['id']}", "/etc/hostname"]
-
-
-@data_case("coco/relative file_name escaping the image root")
-def _(c):
-    def edit(doc):
-        doc["images"][0]["file_name"] = "../../secret.jpg"
-    argv, doc = _coco(c, edit)
-    return argv, "file_name outside the image root", ["../../secret.jpg"]
+# name -> (section, index, field, value or fn(doc), finding, [fn(doc) or text naming the record])
+_COCO_FIELD_EDITS = {
+    "duplicate image id": ("images", 1, "id", lambda d: d["images"][0]["id"], "duplicate image id",
+                           [_image_id(0), lambda d: d["images"][1]["file_name"]]),
+    "duplicate annotation id": ("annotations", 1, "id", lambda d: d["annotations"][0]["id"],
+                                "duplicate annotation id", [_annotation_id(0)]),
+    "polygon with an odd number of values": ("annotations", 0, "segmentation", [[10, 10, 20, 10, 20, 20, 10]],
+                                             "polygon with an odd number of values", [_annotation_id(0), "7 values"]),
+    "segmentation that is a string": ("annotations", 2, "segmentation", "10 10 20 20", "segmentation is a string",
+                                      [_annotation_id(2)]),
+    "absolute file_name outside the image root": ("images", 0, "file_name", "/etc/hostname",
+                                                  "file_name outside the image root", [_image_id(0), "/etc/hostname"]),
+    "relative file_name escaping the image root": ("images", 0, "file_name", "../../secret.jpg",
+                                                   "file_name outside the image root", ["../../secret.jpg"]),
+    "header width differs from the image": ("images", 0, "width", 4000, "header size differs from the image",
+                                            [_image_id(0), lambda d: f"says 4000x{d['images'][0]['height']}",
+                                             "is 96x96"]),
+    "zero-area box": ("annotations", 0, "bbox", [10, 10, 0, 5], "zero-area box", [_annotation_id(0)]),
+    "annotation of an unknown image": ("annotations", 0, "image_id", 123456, "annotation of unknown image",
+                                       ["image id 123456"]),
+}
+for _name, (_section, _index, _field, _value, _finding, _names) in _COCO_FIELD_EDITS.items():
+    @data_case(f"coco/{_name}")
+    def _(c, section=_section, index=_index, field=_field, value=_value, finding=_finding, names=_names):
+        def edit(doc):
+            doc[section][index][field] = value(doc) if callable(value) else value
+        argv, doc = _coco(c, edit)
+        return argv, finding, [n(doc) if callable(n) else n for n in names]
 
 
 @data_case("coco/duplicate category name")
@@ -578,32 +542,6 @@ def _(c):
         doc["categories"].append({"id": 99, "name": doc["categories"][0]["name"]})
     argv, doc = _coco(c, edit)
     return argv, "duplicate category name", [repr(doc["categories"][0]["name"]), "99"]
-
-
-@data_case("coco/header width differs from the image")
-def _(c):
-    def edit(doc):
-        doc["images"][0]["width"] = 4000
-    argv, doc = _coco(c, edit)
-    image = doc["images"][0]
-    return argv, "header size differs from the image", [f"image id {image['id']}", f"says 4000x{image['height']}",
-                                                        f"is {96}x{96}"]
-
-
-@data_case("coco/zero-area box")
-def _(c):
-    def edit(doc):
-        doc["annotations"][0]["bbox"] = [10, 10, 0, 5]
-    argv, doc = _coco(c, edit)
-    return argv, "zero-area box", [f"annotation id {doc['annotations'][0]['id']}"]
-
-
-@data_case("coco/annotation of an unknown image")
-def _(c):
-    def edit(doc):
-        doc["annotations"][0]["image_id"] = 123456
-    argv, doc = _coco(c, edit)
-    return argv, "annotation of unknown image", ["image id 123456"]
 
 
 @data_case("coco/json that is binary")
