@@ -280,19 +280,22 @@ class Pipeline:
     def bench_jobs(self):
         return [(bm, row, self.bench_folder(bm, row)) for bm in self.cfg.BENCH.BENCHMARKS for row in self.rows]
 
-    def stage_bench(self, benchmark: str, row: Row):
+    def sweep_spec(self, benchmark: str, row: Row) -> SweepSpec:
+        """The same spec ``bench`` builds from its arguments, for one benchmark and row."""
         b = self.cfg.BENCH
         datasets = self.cfg.DATA.DATASETS or (str(self.data_dir / "datasets.yaml") if self.cfg.DATA.SYNTHETIC else "")
-        folder = self.bench_folder(benchmark, row)
-        summary = Bench(SweepSpec(
-            benchmark=benchmark, weights=self.weights_path(row), name=row.name, output_dir=str(folder),
-            trials=self.trials(benchmark), search=b.SEARCH, metric=b.METRIC, max_retries=b.MAX_RETRIES,
-            lrs=tuple(b.LRS) or None, datasets=datasets or None, data_root=self.cfg.DATA.DATA_ROOT or None,
-            scaling=b.SCALING, overrides=tuple(flatten(b.CFG)),
-            executor=ExecutorOptions(kind=b.EXECUTOR, gpus_per_trial=b.GPUS_PER_TRIAL if b.GPUS_PER_TRIAL >= 0
-                                     else None))).run()
+        return SweepSpec(
+            benchmark=benchmark, weights=self.weights_path(row), name=row.name,
+            output_dir=str(self.bench_folder(benchmark, row)), trials=self.trials(benchmark), search=b.SEARCH,
+            metric=b.METRIC, max_retries=b.MAX_RETRIES, lrs=tuple(b.LRS) or None, datasets=datasets or None,
+            data_root=self.cfg.DATA.DATA_ROOT or None, scaling=b.SCALING, overrides=tuple(flatten(b.CFG)),
+            executor=ExecutorOptions(kind=b.EXECUTOR,
+                                     gpus_per_trial=b.GPUS_PER_TRIAL if b.GPUS_PER_TRIAL >= 0 else None))
+
+    def stage_bench(self, benchmark: str, row: Row):
+        summary = Bench(self.sweep_spec(benchmark, row)).run()
         if summary["selected_lr"] is None:
-            raise UserError(f"bench {benchmark} / {row.id}: every trial failed; see {folder}")
+            raise UserError(f"bench {benchmark} / {row.id}: every trial failed; see {self.bench_folder(benchmark, row)}")
         return "done"
 
     def stage_report(self):

@@ -60,6 +60,20 @@ def test_per_benchmark_trials_must_name_a_benchmark(tmp_path):
         load_pipeline_cfg(path)
 
 
+def test_the_pipeline_and_bench_build_the_same_sweep_spec(tmp_path):
+    from detection.spec import sweep_spec_from_args
+    from simsiam_transfer.cli import build_parser
+
+    path = _write(tmp_path, f"_BASE_: {MINI}\nBENCH:\n  CFG: {{SOLVER: {{MAX_ITER: 8}}}}\n")
+    pipeline = Pipeline(load_pipeline_cfg(path, ["OUTPUT_DIR", str(tmp_path / "out")]))
+    row = pipeline.rows[1]
+    argv = ["bench", "--benchmark", "coco_1x_mini", "--weights", str(tmp_path / "out/rows/simsiam/weights.pkl"),
+            "--name", "SimSiam R18 (mini)", "--output-dir", str(tmp_path / "out/bench/coco_1x_mini/simsiam"),
+            "--lrs", "0.02,0.05", "--trials", "3", "--search", "best-then-repeat", "--gpus-per-trial", "0",
+            "--datasets", str(tmp_path / "out/data/datasets.yaml"), "SOLVER.MAX_ITER", "8"]
+    assert pipeline.sweep_spec("coco_1x_mini", row) == sweep_spec_from_args(build_parser().parse_args(argv))
+
+
 def test_pretraining_runs_as_its_own_process_group():
     assert pretrain_command("c.yaml", 1) == [sys.executable, "-m", "simsiam_transfer.cli", "pretrain",
                                              "--config", "c.yaml"]
