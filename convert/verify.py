@@ -19,6 +19,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from detectron2.modeling import build_model
 
 from simsiam_transfer.c4 import c4_config, coverage_problems
 from simsiam_transfer.checkpoints import torchvision_resnet
@@ -59,8 +60,6 @@ def _features_detectron2(d2_model, image):
 
 def verify_detectron2_payload(payload, backbone, depth, stride_in_1x1=False, image_size=96, seed=0):
     """Coverage + numeric equivalence of a detectron2 payload against the torchvision backbone."""
-    from detectron2.modeling import build_model
-
 
     d2_model = build_model(c4_config(depth, stride_in_1x1)).eval()
     problems = coverage_problems(d2_model, payload)

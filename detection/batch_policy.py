@@ -17,6 +17,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import torch
+from detectron2.engine import DefaultTrainer
+
 from simsiam_transfer.errors import UserError
 
 # Training memory per image of R50-C4 at 800x1333 input: detectron2's model zoo lists
@@ -82,8 +85,6 @@ def plan_batch(cfg: Any, world_size: int, scaling: str) -> BatchPlan:
     ``cfg.SOLVER.REFERENCE_WORLD_SIZE`` is 0 under ``faithful`` (build_cfg sets it), so detectron2's
     ``auto_scale_workers`` leaves the config as it is; under ``linear`` it applies its rule.
     """
-    from detectron2.engine import DefaultTrainer
-
     batch = int(cfg.SOLVER.IMS_PER_BATCH)
     if scaling == "linear" and not cfg.SOLVER.REFERENCE_WORLD_SIZE:
         raise UserError("--scaling linear needs SOLVER.REFERENCE_WORLD_SIZE (the world size IMS_PER_BATCH "
@@ -120,8 +121,6 @@ def check_fits(plan: BatchPlan, gpu_gb: float | None) -> None:
 
 
 def visible_gpu_gb() -> float | None:
-    import torch
-
     if not torch.cuda.is_available():
         return None
     return torch.cuda.get_device_properties(0).total_memory / 2**30

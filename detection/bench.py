@@ -15,10 +15,14 @@ import sys
 import threading
 from pathlib import Path
 
+import torch
+from detectron2.data import MetadataCatalog
 from tqdm import tqdm
 
 from detection import protocol
 from detection.executors import LocalExecutor, SubmititExecutor, device_slots
+from detection.finetune import evaluator_types, plan, preflight
+from detection.report import load_bench, plot_ap_vs_lr, render
 from detection.runstore import RunStore
 from detection.spec import SweepSpec, Trial, sweep_spec_from_args
 from simsiam_transfer import atomic
@@ -49,8 +53,6 @@ def _iterations(n):
 
 def column_label(cfg, batch, evaluators):
     """What a report column measured, e.g. "voc_2007_test, VOC07 11-point AP, Faster R-CNN R50-C4 24k"."""
-    from detectron2.data import MetadataCatalog
-
     names = {"voc_2007_test": "VOC 07 test", "coco_2017_val": "COCO val2017"}
     test = " + ".join(names.get(n, n) for n in cfg.DATASETS.TEST)
     kinds = []
@@ -86,17 +88,13 @@ class Bench:
 
     # -- plan & pre-flight ------------------------------------------------------------------------
     def _check_metric(self, cfg):
-        from detection.finetune import evaluator_types
-
         kinds = evaluator_types(cfg)
         protocol.check_metric(self.spec.metric, protocol.allowed_metrics(kinds, cfg.MODEL.MASK_ON), self.label)
         return kinds
 
     def plan(self, assume_gpus=None):
         """The sweep as ``bench --dry-run`` prints it; checks the config and arguments, runs nothing."""
-        import torch
 
-        from detection.finetune import plan
 
         visible = torch.cuda.device_count() if assume_gpus is None else assume_gpus
         gpus = self.gpus_per_trial(visible)
@@ -123,9 +121,7 @@ class Bench:
 
     def _prepare(self):
         """Every check (arguments, config, data, weights, metric, memory) and the settings; writes nothing."""
-        import torch
 
-        from detection.finetune import preflight
 
         visible = torch.cuda.device_count()
         gpus = self.gpus_per_trial(visible)
@@ -312,8 +308,6 @@ def _drop_intermediate_checkpoints(folder):
 
 def write_outputs(directory):
     """summary.json, table.md and ap_vs_lr.png of one bench folder, from its run store."""
-    from detection.report import load_bench, render, plot_ap_vs_lr
-
     directory = Path(directory)
     bench = load_bench(directory)
     atomic.write_json(directory / "summary.json", bench["summary"])

@@ -27,6 +27,9 @@ or relative to the catalog file)::
 import os
 from pathlib import Path
 
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import load_coco_json
+
 from detection.voc import VOC_CLASSES, load_voc_instances
 from simsiam_transfer.config import safe_yaml
 from simsiam_transfer.errors import UserError
@@ -106,8 +109,6 @@ def load_catalog(path):
 
 def load_coco_instances(json_file, image_root, name):
     """detectron2's COCO loader, with one clear error for a malformed json or a missing image."""
-    from detectron2.data.datasets import load_coco_json
-
     hint = f"run `simsiam-transfer data check --coco {json_file} --image-root {image_root}`"
     try:
         dicts = load_coco_json(json_file, image_root, name)
@@ -120,8 +121,6 @@ def load_coco_instances(json_file, image_root, name):
 
 
 def _replace(name, loader, **metadata):
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-
     if name in DatasetCatalog.list():
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)

@@ -15,6 +15,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import submitit
+import torch
 from submitit.helpers import Checkpointable
 
 from detection.spec import SLURM_CPUS_PER_GPU, SLURM_MEM_PER_GPU_GB, SLURM_TIME_MIN
@@ -72,8 +74,6 @@ class LocalExecutor:
 
     def __init__(self, gpus_per_trial=0, device_count=None, parent_mask=None):
         if device_count is None:
-            import torch
-
             device_count = torch.cuda.device_count()
         if parent_mask is None:
             parent_mask = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -129,8 +129,6 @@ class SubmititExecutor:
     def __init__(self, folder, cluster="slurm", gpus_per_trial=0, partition=None, timeout_min=SLURM_TIME_MIN,
                  cpus_per_gpu=SLURM_CPUS_PER_GPU, mem_per_gpu_gb=SLURM_MEM_PER_GPU_GB, poll_s=1.0,
                  max_parallel=None):
-        import submitit
-
         self.executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
         params = slurm_parameters(gpus_per_trial, partition, timeout_min, cpus_per_gpu, mem_per_gpu_gb)
         if cluster != "slurm":  # submitit's local executor takes neither a partition nor memory

@@ -7,6 +7,7 @@ own trainer, resume from ``OUTPUT_DIR`` when a checkpoint is there (an interrupt
 continues), train, evaluate, and the main process writes ``OUTPUT_DIR/metrics.json``.
 """
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -18,9 +19,15 @@ import time
 from pathlib import Path
 
 import torch
+from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog
+from detectron2.engine import default_setup, launch
+from detectron2.utils import comm
 
 from detection import batch_policy, protocol
+from detection.datasets import check_dataset_names, register_datasets
 from detection.spec import FinetuneJob, finetune_job_from_args
+from detection.trainer import Trainer
 from simsiam_transfer import atomic
 from simsiam_transfer.c4 import check_weights_cover_model, single_process_norm
 from simsiam_transfer.config import merge_file, merge_overrides, resolve_config
@@ -49,8 +56,6 @@ def build_cfg(job, cuda=None):
 
     ``cuda``: plan as if GPUs are (True) or are not (False) there; default: whether they are.
     """
-    from detectron2.config import get_cfg
-
     cfg = get_cfg()
     merge_file(cfg, job.config_file)
     merge_overrides(cfg, job.overrides)
@@ -80,16 +85,12 @@ def check_weights_file(weights):
 
 def plan(job, cuda=None):
     """(cfg, batch plan) for ``job`` without touching dataset files or weights (``--dry-run``)."""
-    from detection.datasets import register_datasets
-
     register_datasets(job.data_root, job.datasets)
     cfg = build_cfg(job, cuda)
     return cfg, batch_policy.plan_batch(cfg, job.world_size, job.scaling)
 
 
 def evaluator_types(cfg):
-    from detectron2.data import MetadataCatalog
-
     return [MetadataCatalog.get(name).get("evaluator_type") for name in cfg.DATASETS.TEST]
 
 
@@ -98,8 +99,6 @@ def preflight(job, cuda=None):
 
     ``cuda=True`` plans for GPU machines elsewhere (a Slurm submit host): the memory check is then
     left to the machine that runs the trial."""
-    from detection.datasets import check_dataset_names, register_datasets
-
     check_weights_file(job.weights)
     specs = register_datasets(job.data_root, job.datasets)
     cfg = build_cfg(job, cuda)
@@ -169,11 +168,7 @@ def flatten_results(results):
 
 
 def _worker(job):
-    from detectron2.engine import default_setup
-    from detectron2.utils import comm
 
-    from detection.datasets import register_datasets
-    from detection.trainer import Trainer
 
     register_datasets(job.data_root, job.datasets)
     cfg = build_cfg(job)
@@ -188,8 +183,6 @@ def _worker(job):
 
 
 def argparse_namespace(job):
-    import argparse
-
     return argparse.Namespace(config_file=str(resolve_config(job.config_file)), eval_only=False,
                               num_gpus=job.num_gpus, num_machines=job.num_machines,
                               machine_rank=job.machine_rank, dist_url=job.dist_url, opts=job.overrides)
@@ -219,8 +212,6 @@ def write_metrics(cfg, job, results, wall_time_s):
 def run_finetune(job):
     """Pre-flight, then detectron2's ``launch``; returns the metrics record (None on machine rank > 0,
     whose processes train but leave evaluation results to machine rank 0)."""
-    from detectron2.engine import launch
-
     job, cfg, batch = preflight(job)
     atomic.check_output_dir(cfg.OUTPUT_DIR, "OUTPUT_DIR")
     check_resume(cfg.OUTPUT_DIR, batch)

@@ -16,6 +16,7 @@ from typing import Any
 
 from detection import protocol
 from simsiam_transfer import atomic
+from simsiam_transfer.config import resolve_config
 from simsiam_transfer.errors import UserError
 
 SCALINGS = ("faithful", "linear")
@@ -162,8 +163,6 @@ class SweepSpec:
 
     def resolved_benchmark(self) -> tuple[str, str]:
         """(benchmark label, config file) for ``benchmark``."""
-        from simsiam_transfer.config import resolve_config
-
         if self.benchmark in protocol.BENCHMARKS:
             return self.benchmark, protocol.BENCHMARKS[self.benchmark]
         if self.benchmark.endswith((".yaml", ".yml")):

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import List, Tuple
 from xml.etree import ElementTree as ET
 
+from detectron2.structures import BoxMode
+
 from simsiam_transfer.errors import UserError
 
 VOC_CLASSES = (
@@ -69,8 +71,6 @@ def parse_annotation(xml_path):
 
 def load_voc_instances(root, split, class_names):
     """detectron2 dataset dicts for one VOC split (difficult objects kept, flagged)."""
-    from detectron2.structures import BoxMode
-
     root = Path(root)
     dicts = []
     for file_id in read_split(root, split):

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from simsiam_transfer import atomic
 from simsiam_transfer.checkpoints import describe_load_error
@@ -124,7 +125,5 @@ def load(path):
 
 def model_settings_changed(saved_config_text, cfg):
     """MODEL.* keys whose value differs between a checkpoint's config and ``cfg``."""
-    import yaml
-
     saved = yaml.safe_load(saved_config_text).get("MODEL", {})
     return sorted(f"MODEL.{k}: {saved.get(k)!r} -> {v!r}" for k, v in cfg.MODEL.items() if saved.get(k) != v)

@@ -13,6 +13,7 @@ from typing import Any, List
 
 import torch
 from torch.utils.data import DistributedSampler
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from pretrain import checkpoint
@@ -245,8 +246,6 @@ def flat_scalars(record: dict, prefix: str = "") -> dict:
 
 class TensorboardWriter(HookBase):
     def before_train(self):
-        from torch.utils.tensorboard import SummaryWriter  # slow import, only on the writing rank
-
         self.writer = SummaryWriter(str(self.trainer.out / "tb"), purge_step=self.trainer.start_epoch + 1)
 
     def after_epoch(self):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from pretrain.config import load_cfg
+from pretrain.engine import run_pretrain
 from simsiam_transfer import atomic
 from simsiam_transfer.errors import UserError
 
@@ -137,8 +138,6 @@ def plan_runs(config_file, output_dir, overrides: Sequence[str], experiments: Se
 
 def run_experiments(config_file, output_dir, overrides: Sequence[str] = (),
                     experiments: Sequence[str] = tuple(EXPERIMENTS), write_table: bool = True) -> Dict[str, dict]:
-    from pretrain.engine import run_pretrain
-
     output_dir = Path(output_dir)
     plan = plan_runs(config_file, output_dir, overrides, experiments)
     trained = set()

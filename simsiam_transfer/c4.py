@@ -18,12 +18,13 @@ import logging
 
 import numpy as np
 import torch
-from torch import nn
-
+from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
+from detectron2.config import get_cfg
 from detectron2.layers import get_norm
-from detectron2.modeling import ROI_HEADS_REGISTRY
+from detectron2.modeling import ROI_HEADS_REGISTRY, build_model
 from detectron2.modeling.backbone.resnet import BasicBlock, BottleneckBlock, ResNet
 from detectron2.modeling.roi_heads import Res5ROIHeads
+from torch import nn
 
 from simsiam_transfer.checkpoints import read_detectron2_pkl
 from simsiam_transfer.config import merge_file
@@ -78,8 +79,6 @@ if "Res5ROIHeadsExtraNorm" not in ROI_HEADS_REGISTRY:
 
 
 def c4_config(depth, stride_in_1x1=False):
-    from detectron2.config import get_cfg
-
     cfg = get_cfg()
     merge_file(cfg, C4_CONFIG)
     cfg.MODEL.RESNETS.DEPTH = depth
@@ -102,8 +101,6 @@ def load_payload(model, payload):
     public API only: detectron2's name-matching heuristics (``align_and_update_state_dicts``) when the
     file asks for them, tensors of the wrong shape left out, then ``load_state_dict(strict=False)``.
     Returns (missing keys, unexpected keys, [(key, file shape, model shape)] of wrong shapes)."""
-    from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
-
     model_state = model.state_dict()
     weights = {k: torch.as_tensor(np.asarray(v)) for k, v in payload["model"].items()}
     if payload.get("matching_heuristics", False):
@@ -142,8 +139,6 @@ def coverage_problems(model, payload):
 
 def check_weights_cover_model(path, cfg):
     """Refuse a weights file that would leave part of ``cfg``'s backbone/res5 randomly initialised."""
-    from detectron2.modeling import build_model
-
     if not str(path).endswith(".pkl"):
         raise UserError(f"--weights {path}: expected a detectron2 .pkl; convert the checkpoint first "
                         "(simsiam-transfer convert INPUT OUTPUT.pkl)")

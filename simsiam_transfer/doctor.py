@@ -2,13 +2,13 @@
 
 import sys
 
+import torch
+import torchvision
+
 from simsiam_transfer.versions import detectron2_info
 
 
 def run_doctor(args):
-    import torch
-    import torchvision
-
     d2 = detectron2_info()
     cuda = torch.version.cuda if torch.cuda.is_available() else None
     rows = [

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 from simsiam_transfer.errors import UserError
 
@@ -150,8 +151,6 @@ def default_workers() -> int:
 
 def parallel_map(fn: Callable, items: Sequence, workers: int, desc: str) -> list:
     """``[fn(x) for x in items]`` over ``workers`` processes (0 = here), in order, with a progress bar on a TTY."""
-    from tqdm import tqdm
-
     bar = dict(total=len(items), desc=desc, unit="file", disable=None, leave=False, dynamic_ncols=True)
     if workers <= 0 or len(items) < 64:
         return [fn(x) for x in tqdm(items, **bar)]

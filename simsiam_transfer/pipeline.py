@@ -30,18 +30,18 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
+import torchvision
 
 from convert.command import check_pretraining_run, convert_checkpoint, print_summary
 from detection import protocol
 from detection.bench import Bench
-from detection.spec import ExecutorOptions, SweepSpec
 from detection.report import load_benches, plot_ap_vs_lr, render
+from detection.spec import ExecutorOptions, SweepSpec
 from pretrain import checkpoint
 from pretrain.config import load_cfg as load_pretrain_cfg
 from simsiam_transfer import atomic
 from simsiam_transfer.checkpoints import conversion_report_path
-from simsiam_transfer.config import CfgNode as CN
-from simsiam_transfer.config import flatten, load, merge_node
+from simsiam_transfer.config import CfgNode as CN, flatten, load, merge_node
 from simsiam_transfer.errors import UserError
 from simsiam_transfer.synthetic import make_synthetic
 
@@ -241,8 +241,6 @@ class Pipeline:
         return path
 
     def _torchvision_checkpoint(self, row: Row) -> Path:
-        import torchvision
-
         name = row.weights.split(":", 1)[1]
         try:
             weights = torchvision.models.ResNet50_Weights[name]

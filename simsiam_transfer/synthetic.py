@@ -26,6 +26,7 @@ from xml.etree import ElementTree as ET
 
 import numpy as np
 from PIL import Image, ImageDraw
+from skimage import data
 
 from simsiam_transfer.atomic import atomic_dir
 
@@ -45,8 +46,6 @@ _SOURCES: Dict[str, np.ndarray] = {}
 def texture_sources() -> Dict[str, np.ndarray]:
     """name -> uint8 array (H, W) or (H, W, 3), loaded once per process from the installed skimage."""
     if not _SOURCES:
-        from skimage import data
-
         for name in COLOR_SCENES + GRAY_SCENES + tuple(CLASS_TEXTURES.values()):
             _SOURCES[name] = np.ascontiguousarray(getattr(data, name)())
     return _SOURCES
