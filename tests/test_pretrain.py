@@ -278,11 +278,11 @@ def test_fig2_mini_shows_the_collapse_direction(synthetic, tmp_path):
     proc = run_cli("fig2", "--config", "pretrain/simsiam_R_18_mini.yaml", "--output-dir", tmp_path,
                    "DATA.TRAIN_DIR", synthetic / "unlabeled", "DATA.KNN_TRAIN_DIR", synthetic / "labeled/train",
                    "DATA.KNN_VAL_DIR", synthetic / "labeled/val", "DATA.IMAGE_SIZE", 32, "DATA.NUM_WORKERS", 0,
-                   "SOLVER.EPOCHS", 6, "SOLVER.BATCH_SIZE", 32, "SOLVER.BASE_LR", 0.1, "MONITOR.KNN_PERIOD", 3)
+                   "SOLVER.EPOCHS", 12, "SOLVER.BATCH_SIZE", 32, "SOLVER.BASE_LR", 0.5, "MONITOR.KNN_PERIOD", 6)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((tmp_path / "fig2.json").read_text())
     sg, no_sg = summary["runs"]["stop_gradient"], summary["runs"]["no_stop_gradient"]
-    assert len(sg["curve"]) == len(no_sg["curve"]) == 6
+    assert len(sg["curve"]) == len(no_sg["curve"]) == 12
     assert summary["reference_z_std"] == pytest.approx(1 / math.sqrt(512))
     assert no_sg["final_loss"] < sg["final_loss"] and no_sg["final_z_std"] < sg["final_z_std"]
     assert sg["final_z_std_times_sqrt_d"] == pytest.approx(1.0, abs=0.1)
