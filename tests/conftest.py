@@ -75,3 +75,21 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def fresh_detectron2_loggers():
+    """Each in-process fine-tune sets up detectron2's loggers on that test's captured stdout (a real
+    run does it once per process); drop them afterwards so no later test logs to a closed stream."""
+    yield
+    import logging
+
+    try:
+        from detectron2.utils.logger import setup_logger
+    except ImportError:
+        return
+    setup_logger.cache_clear()  # it is memoised: a cleared logger must be set up again next time
+    for name in ("detectron2", "d2", "fvcore", "simsiam_transfer"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)

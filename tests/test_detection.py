@@ -232,10 +232,10 @@ def test_finetune_resumes_only_under_its_own_schedule(synthetic, r18_pkl, tmp_pa
 
 
 def test_machine_rank_above_zero_returns_without_metrics(synthetic, r18_pkl, tmp_path, monkeypatch, capsys):
-    import detectron2.engine
+    import detection.finetune
 
     calls = []
-    monkeypatch.setattr(detectron2.engine, "launch", lambda *a, **k: calls.append(k))  # no second machine here
+    monkeypatch.setattr(detection.finetune, "launch", lambda *a, **k: calls.append(k))  # no second machine here
     code = _finetune(MINI["voc07"], r18_pkl, synthetic, tmp_path,
                      flags=("--num-machines", "2", "--machine-rank", "1", "--dist-url", "tcp://127.0.0.1:9"))
     assert code == 0 and calls[0]["machine_rank"] == 1 and calls[0]["num_machines"] == 2

@@ -303,10 +303,11 @@ def test_two_process_gloo_run_with_knn(synthetic, tmp_path, ablation):
         assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
 
 
-def test_two_process_divergence_is_one_message_per_rank(synthetic, tmp_path):
+def test_two_process_divergence_is_the_one_line_message(synthetic, tmp_path):
     proc = _torchrun(synthetic, tmp_path, 29571, "SOLVER.BASE_LR", "1e30", "SOLVER.LOG_PERIOD", 1)
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error: training diverged: ")]
-    assert len(lines) == 2 and all("loss became non-finite" in line for line in lines), proc.stderr[-3000:]
+    # Both ranks stop at the same step; torchrun then ends whichever rank has not printed yet.
+    assert 1 <= len(lines) <= 2 and all("loss became non-finite" in line for line in lines), proc.stderr[-3000:]
     assert "FloatingPointError" not in proc.stderr and not (tmp_path / "checkpoint_last.pth").exists()
     assert not (tmp_path / "metrics.jsonl").exists()
