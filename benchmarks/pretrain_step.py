@@ -12,10 +12,10 @@ threads; rounds interleave the variants and warm-up steps are excluded.
 
 Variants (``ratio`` = median over rounds of reference time / variant time, from wall time;
 ``ratio_cpu_time`` the same from process CPU time, which other jobs on a shared machine inflate less):
-  ours         the project's step as the engine runs it on CPU with SOLVER.AMP False
-  ours_amp     the same with SOLVER.AMP True (bf16 autocast on CPU)
+  ours         the engine's own step (``train_step``) with its CPU policy, SOLVER.AMP False: fp32, NCHW
+  ours_amp     the same with SOLVER.AMP True: bf16 autocast and channels_last
   lever_*      our model with a lever set by hand: nchw_fp32 (neither lever), bf16 (NCHW); the lever
-               table reads channels_last from ``ours`` and both levers from ``ours_amp`` against nchw_fp32
+               table reads both levers from ``ours_amp`` against nchw_fp32
 """
 
 import argparse
@@ -141,7 +141,7 @@ def run_case(name, rounds, steps, levers):
         "ours_amp": lambda: OURS(amp_cfg),
     }
     if levers:
-        # With ``ours`` (channels_last) and ``ours_amp`` (both) these complete the lever table.
+        # With ``ours_amp`` (both levers) these complete the lever table.
         makers.update({
             "lever_nchw_fp32": lambda: our_step(fp32_cfg, channels_last=False, bf16=False),
             "lever_bf16": lambda: our_step(fp32_cfg, channels_last=False, bf16=True),
@@ -160,7 +160,7 @@ def run_case(name, rounds, steps, levers):
     if levers:
         base = wall["lever_nchw_fp32"]
         result["lever_speedup_vs_nchw_fp32"] = {
-            "channels_last (ours)": paired_ratio(base, wall["ours"]),
+            "ours fp32 (engine policy: NCHW on CPU)": paired_ratio(base, wall["ours"]),
             "bf16": paired_ratio(base, wall["lever_bf16"]),
             "both (ours_amp)": paired_ratio(base, wall["ours_amp"]),
         }
