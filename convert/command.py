@@ -22,9 +22,7 @@ def convert_checkpoint(input_path, output_path, fmt="detectron2", source="auto",
     # Leftovers of a convert killed mid-write to the same OUTPUT (this command owns those names).
     atomic.remove_stale_tmp(Path(output_path).parent, [Path(output_path).name, conversion_report_path(output_path).name])
     backbone, info = extract_backbone(input_path, source)
-    stats = residual_scale_stats(backbone, info["block"])
-    training = info.pop("training") or {}
-    check = pretraining_check(stats, training.get("history"), training.get("dim", 0))
+    stats, check = _diagnose(backbone, info["block"], info.pop("training"))
     report = {
         "input": str(input_path), "output": str(output_path), "format": fmt, **info,
         "tensors": len(backbone), "residual_bn_scale": stats, "pretraining_check": check,
@@ -72,13 +70,19 @@ def convert_command(args):
     return 0
 
 
+def _diagnose(backbone, block, training):
+    """(residual-BN statistics, the no-op/collapse verdict) of an extracted backbone and its
+    checkpoint's training record (None for checkpoints of other projects)."""
+    stats = residual_scale_stats(backbone, block)
+    training = training or {}
+    return stats, pretraining_check(stats, training.get("history"), training.get("dim", 0))
+
+
 def check_pretraining_run(checkpoint_path) -> dict:
     """The same verdict straight from a pretraining checkpoint (the pipeline, right after pretraining):
     ``pretraining_check``'s dict plus the residual-BN statistics."""
     backbone, info = extract_backbone(checkpoint_path)
-    stats = residual_scale_stats(backbone, info["block"])
-    training = info["training"] or {}
-    check = pretraining_check(stats, training.get("history"), training.get("dim", 0))
+    stats, check = _diagnose(backbone, info["block"], info["training"])
     check["problems"] += near_identity_warnings(stats)
     check["ok"] = not check["problems"]
     return {**check, "residual_bn_scale": stats}

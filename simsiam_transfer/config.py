@@ -111,7 +111,7 @@ def merge_node(cfg: CfgNode, node, where: str) -> CfgNode:
 
 
 def load(defaults: CfgNode, config_file=None, overrides: Iterable = (),
-         validate: Optional[Callable[[CfgNode, str], None]] = None, freeze: bool = True,
+         validate: Optional[Callable[[CfgNode, str], None]] = None,
          nodes: Iterable[Tuple[Any, str]] = ()) -> CfgNode:
     """defaults <- config file (``_BASE_`` chain) <- nested ``(node, where)`` pairs <- ``KEY VALUE``
     overrides, then validated and frozen."""
@@ -125,8 +125,7 @@ def load(defaults: CfgNode, config_file=None, overrides: Iterable = (),
     merge_overrides(cfg, overrides)
     if validate is not None:
         validate(cfg, source)
-    if freeze:
-        cfg.freeze()
+    cfg.freeze()
     return cfg
 
 
