@@ -138,7 +138,7 @@ def _validate(cfg, source):
         if not isinstance(trials, int) or trials < 1:
             raise UserError(f"{source}: BENCH.TRIALS_PER_BENCHMARK.{bm} must be an integer >= 1, got {trials!r}")
     if cfg.BENCH.LRS:
-        protocol.parse_lrs(",".join(repr(float(lr)) for lr in cfg.BENCH.LRS))
+        protocol.check_lrs([float(lr) for lr in cfg.BENCH.LRS], ",".join(f"{float(lr):g}" for lr in cfg.BENCH.LRS))
     if cfg.REPORT.REFERENCE not in ("", "paper"):
         raise UserError(f"{source}: REPORT.REFERENCE {cfg.REPORT.REFERENCE!r}: use \"paper\" or leave it empty")
     if cfg.REPORT.FORMAT not in ("md", "csv", "latex"):
