@@ -109,7 +109,8 @@ class Bench:
         return {
             "name": self.spec.name, "benchmark": self.label, "config": self.config, "weights": self.spec.weights,
             "output_dir": str(self.out), "executor": self.spec.executor.kind, "visible_gpus": visible,
-            "gpus_per_trial": gpus, "parallel_trials": len(slots) if slots else None,
+            "gpus_per_trial": gpus, "cpu_jobs": self.spec.executor.cpu_jobs,
+            "parallel_trials": (self.spec.executor.cpu_jobs if not gpus else len(slots)) if slots else None,
             "search": self.spec.search, "metric": self.spec.metric,
             "rule": protocol.RULES[self.spec.search].format(m=self.spec.metric), "lrs": lrs,
             "fine_tunes": len(first) + len(later),
@@ -188,7 +189,8 @@ class Bench:
             if result.ok:
                 m = result.metrics
                 record.update(status="done", metrics={k: v for k, v in m.items() if "/" in k},
-                              wall_time_s=m.get("wall_time_s"), config_hash=m.get("config_hash"),
+                              wall_time_s=m.get("wall_time_s"), cpu_threads=m.get("cpu_threads"),
+                              config_hash=m.get("config_hash"),
                               norm=m.get("norm"), versions=m.get("versions"),
                               **{k: m[k] for k in protocol.SETUP_KEYS if k in m})
                 if not self.spec.keep_checkpoints:
@@ -234,7 +236,7 @@ class Bench:
     def _executor(self):
         ex, gpus = self.spec.executor, self.settings["gpus_per_trial"]
         if ex.kind == "local":
-            return LocalExecutor(gpus)
+            return LocalExecutor(gpus, cpu_jobs=ex.cpu_jobs)
         return SubmititExecutor(self.out / "submitit", cluster="slurm" if ex.kind == "slurm" else "local",
                                 gpus_per_trial=gpus, partition=ex.slurm_partition, timeout_min=ex.slurm_time_min,
                                 cpus_per_gpu=ex.slurm_cpus_per_gpu, mem_per_gpu_gb=ex.slurm_mem_per_gpu_gb)

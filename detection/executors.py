@@ -68,16 +68,31 @@ def device_slots(parent_mask, device_count, gpus_per_trial):
     return [s for s in slots if len(s) == gpus_per_trial] or [[]]
 
 
+def cpu_thread_env(jobs, cores=None):
+    """Environment for one of ``jobs`` CPU processes sharing this machine: an equal share of the cores
+    as torch's intra-op threads (OpenMP and MKL read these at start-up)."""
+    threads = str(max(1, (cores or os.cpu_count() or 1) // jobs))
+    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+
 class LocalExecutor:
     """Trials in sequence on CPU, or on all GPUs a trial asks for; when a trial asks for fewer GPUs
-    than are visible, one trial per group of GPUs at once."""
+    than are visible, one trial per group of GPUs at once. CPU trials (no GPU) run ``cpu_jobs`` at
+    once, each with an equal share of the cores."""
 
-    def __init__(self, gpus_per_trial=0, device_count=None, parent_mask=None):
+    def __init__(self, gpus_per_trial=0, device_count=None, parent_mask=None, cpu_jobs=1):
         if device_count is None:
             device_count = torch.cuda.device_count()
         if parent_mask is None:
             parent_mask = os.environ.get("CUDA_VISIBLE_DEVICES")
         self.slots = device_slots(parent_mask, device_count, gpus_per_trial)
+        self.cpu_env = None
+        if not gpus_per_trial and cpu_jobs > 1:
+            self.slots = [[] for _ in range(cpu_jobs)]
+            self.cpu_env = cpu_thread_env(cpu_jobs)
+
+    def _env(self, gpus):
+        return dict(self.cpu_env) if self.cpu_env is not None else {"CUDA_VISIBLE_DEVICES": ",".join(gpus)}
 
     def run(self, trials, on_start, on_finish):
         if len(self.slots) == 1:
@@ -91,7 +106,7 @@ class LocalExecutor:
             gpus = free.pop()
             try:
                 on_start(trial, None)
-                result = run_trial_process(trial, {"CUDA_VISIBLE_DEVICES": ",".join(gpus)})
+                result = run_trial_process(trial, self._env(gpus))
             finally:
                 free.append(gpus)
             on_finish(trial, result)

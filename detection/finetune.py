@@ -203,6 +203,7 @@ def write_metrics(cfg, job, results, wall_time_s):
         "ims_per_batch": batch["effective_batch"],
         "base_lr": batch["base_lr"],
         "wall_time_s": round(wall_time_s, 1),
+        "cpu_threads": torch.get_num_threads(),  # a wall time means little without it
         "versions": library_versions(),
     }
     atomic.write_json(Path(cfg.OUTPUT_DIR) / "metrics.json", record)

@@ -97,6 +97,7 @@ class ExecutorOptions:
 
     kind: str = "local"  # local | slurm | submitit-local
     gpus_per_trial: int | None = None  # None: all visible GPUs locally, 8 (the protocol's) on Slurm
+    cpu_jobs: int = 1  # CPU trials (no GPU) at once, locally; each gets cores // cpu_jobs threads
     slurm_partition: str | None = None
     slurm_time_min: int = SLURM_TIME_MIN
     slurm_cpus_per_gpu: int = SLURM_CPUS_PER_GPU
@@ -153,6 +154,11 @@ class SweepSpec:
         gpus = self.executor.gpus_per_trial
         if gpus is not None and gpus < 0:
             raise UserError(f"--gpus-per-trial must be >= 0, got {gpus}")
+        if self.executor.cpu_jobs < 1:
+            raise UserError(f"--cpu-jobs must be >= 1, got {self.executor.cpu_jobs}")
+        if self.executor.cpu_jobs > 1 and self.executor.kind != "local":
+            raise UserError(f"--cpu-jobs {self.executor.cpu_jobs} runs CPU trials side by side on this machine; "
+                            f"it needs --executor local (got {self.executor.kind})")
         for flag, value in (("--slurm-time", self.executor.slurm_time_min),
                             ("--slurm-cpus-per-gpu", self.executor.slurm_cpus_per_gpu),
                             ("--slurm-mem-per-gpu", self.executor.slurm_mem_per_gpu_gb)):
@@ -192,7 +198,7 @@ def sweep_spec_from_args(args: Any) -> SweepSpec:
         lrs=protocol.parse_lrs(args.lrs) if args.lrs else None, trials=args.trials, search=args.search,
         metric=args.metric, overrides=tuple(args.overrides), datasets=args.datasets, data_root=args.data_root,
         scaling=args.scaling, max_retries=args.max_retries, keep_checkpoints=args.keep_checkpoints,
-        executor=ExecutorOptions(kind=args.executor, gpus_per_trial=args.gpus_per_trial,
+        executor=ExecutorOptions(kind=args.executor, gpus_per_trial=args.gpus_per_trial, cpu_jobs=args.cpu_jobs,
                                  slurm_partition=args.slurm_partition, slurm_time_min=args.slurm_time,
                                  slurm_cpus_per_gpu=args.slurm_cpus_per_gpu,
                                  slurm_mem_per_gpu_gb=args.slurm_mem_per_gpu))

@@ -208,6 +208,10 @@ def build_parser():
     p.add_argument("--gpus-per-trial", "--num-gpus", dest="gpus_per_trial", type=int, default=None,
                    help="GPUs (processes) per trial (default: all visible GPUs, one trial at a time; 8 with "
                         "--executor slurm; 0 on CPU). Fewer than visible runs trials in parallel")
+    p.add_argument("--cpu-jobs", type=int, default=1,
+                   help="CPU-only trials to run side by side (default 1), each with cores/N threads: on a "
+                        "2-core machine 2 single-thread trials finish ~1.3-2x sooner than one after another "
+                        "(README, Measured); results match to float rounding")
     p.add_argument("--executor", default="local", choices=("local", "slurm", "submitit-local"))
     p.add_argument("--slurm-partition")
     p.add_argument("--slurm-time", type=int, default=240,

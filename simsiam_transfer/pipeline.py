@@ -22,6 +22,7 @@ records each stage's status. Layout::
 """
 
 import dataclasses
+import os
 import re
 import subprocess
 import sys
@@ -35,6 +36,7 @@ import torchvision
 from convert.command import check_pretraining_run, convert_checkpoint, print_summary
 from detection import protocol
 from detection.bench import Bench
+from detection.executors import cpu_thread_env
 from detection.report import load_benches, plot_ap_vs_lr, render
 from detection.spec import ExecutorOptions, SweepSpec
 from pretrain import checkpoint
@@ -58,6 +60,9 @@ _P.DATA.DATASETS = ""            # dataset catalog for fine-tuning (default with
 _P.DATA.DATA_ROOT = ""           # root of the standard VOC/COCO folders
 _P.PRETRAIN = CN()
 _P.PRETRAIN.NPROC_PER_NODE = -1  # pretraining processes: -1 = one per visible GPU (1 on CPU)
+# Without GPUs: pretraining rows and fine-tuning trials run CPU_JOBS at a time, each with an equal
+# share of the cores (on 2 cores, 2 single-thread jobs beat one 2-thread job: README, Measured).
+_P.CPU_JOBS = 1
 _P.ROWS = CN(new_allowed=True)   # row id -> _ROW keys; ids name folders, so [A-Za-z0-9._-]
 _P.CONVERT = CN()
 _P.CONVERT.VERIFY = True
@@ -137,6 +142,8 @@ def _validate(cfg, source):
             raise UserError(f"{source}: BENCH.TRIALS_PER_BENCHMARK.{bm}: not in BENCH.BENCHMARKS")
         if not isinstance(trials, int) or trials < 1:
             raise UserError(f"{source}: BENCH.TRIALS_PER_BENCHMARK.{bm} must be an integer >= 1, got {trials!r}")
+    if not isinstance(cfg.CPU_JOBS, int) or cfg.CPU_JOBS < 1:
+        raise UserError(f"{source}: CPU_JOBS must be an integer >= 1, got {cfg.CPU_JOBS!r}")
     if cfg.BENCH.LRS:
         protocol.check_lrs([float(lr) for lr in cfg.BENCH.LRS], ",".join(f"{float(lr):g}" for lr in cfg.BENCH.LRS))
     if cfg.REPORT.REFERENCE not in ("", "paper"):
@@ -205,19 +212,49 @@ class Pipeline:
         return load_pretrain_cfg(row.pretrain_config, overrides,
                                  nodes=[(row.pretrain_cfg, f"ROWS.{row.id}.PRETRAIN.CFG")])
 
-    def stage_pretrain(self, row: Row):
-        cfg = self.pretrain_cfg(row)
-        last = Path(cfg.OUTPUT_DIR) / checkpoint.LAST
-        if last.is_file() and checkpoint.load(last)["epoch"] >= cfg.SOLVER.EPOCHS:
+    def cpu_jobs(self) -> int:
+        """Jobs side by side: CPU_JOBS on a machine without GPUs, else 1 (GPU work has its own knobs)."""
+        return self.cfg.CPU_JOBS if torch.cuda.device_count() == 0 else 1
+
+    def stage_pretrain(self, rows: List[Row]):
+        """Pretrain ``rows``: one after another in this terminal, or side by side (``CPU_JOBS``), each
+        with its share of the cores and its output in ``rows/<row>/pretrain.log``."""
+        todo = []
+        for row in rows:
+            cfg = self.pretrain_cfg(row)
+            last = Path(cfg.OUTPUT_DIR) / checkpoint.LAST
+            if last.is_file() and checkpoint.load(last)["epoch"] >= cfg.SOLVER.EPOCHS:
+                continue
+            config_path = self.row_dir(row) / "pretrain_config.yaml"
+            atomic.write_text(config_path, cfg.dump())
+            todo.append((row, cfg, last, config_path))
+        if not todo:
             return "done earlier"
-        config_path = self.row_dir(row) / "pretrain_config.yaml"
-        atomic.write_text(config_path, cfg.dump())
         nproc = pretrain_processes(self.cfg.PRETRAIN.NPROC_PER_NODE)
-        proc = subprocess.run(pretrain_command(config_path, nproc))
-        if proc.returncode:
-            raise UserError(f"pretraining of row {row.id} stopped with exit {proc.returncode} (its error is "
-                            f"above); fix it and run the pipeline again, it resumes from {cfg.OUTPUT_DIR}")
-        return f"done ({nproc} process{'es' if nproc > 1 else ''}{self._warn_if_not_learned(row, last)})"
+        side_by_side = len(todo) > 1
+        running = []
+        for row, cfg, last, config_path in todo:
+            log_path = None
+            if side_by_side:
+                log_path = self.row_dir(row) / "pretrain.log"
+                print(f"[pipeline] pretraining {row.id} beside {len(todo) - 1} other row(s); log: {log_path}",
+                      flush=True)
+                with open(log_path, "a") as log:  # the child keeps its own handle
+                    proc = subprocess.Popen(pretrain_command(config_path, nproc), stdout=log,
+                                            stderr=subprocess.STDOUT,
+                                            env={**os.environ, **cpu_thread_env(len(todo))})
+            else:
+                proc = subprocess.Popen(pretrain_command(config_path, nproc))
+            running.append((row, cfg, last, log_path, proc))
+        notes = []
+        for row, cfg, last, log_path, proc in running:
+            if proc.wait():
+                where = f"its log: {log_path}" if log_path else "its error is above"
+                raise UserError(f"pretraining of row {row.id} stopped with exit {proc.returncode} ({where}); "
+                                f"fix it and run the pipeline again, it resumes from {cfg.OUTPUT_DIR}")
+            notes.append(f"{row.id}{self._warn_if_not_learned(row, last)}")
+        each = f"{nproc} process{'es' if nproc > 1 else ''} each"
+        return f"done ({each}{', side by side' if side_by_side else ''}: {', '.join(notes)})"
 
     def _warn_if_not_learned(self, row: Row, last: Path) -> str:
         """The converter's no-op/collapse verdict, right after pretraining: cheap, and before any
@@ -228,7 +265,7 @@ class Pipeline:
         if check["problems"] and check.get("advice"):
             print(f"[pipeline] {check['advice']}", flush=True)
         n = len(check["problems"])
-        return f"; {n} warning{'s' if n > 1 else ''}" if n else ""
+        return f" ({n} warning{'s' if n > 1 else ''})" if n else ""
 
     def _source_checkpoint(self, row: Row) -> Path:
         if row.pretrained_here:
@@ -287,7 +324,7 @@ class Pipeline:
             output_dir=str(self.bench_folder(benchmark, row)), trials=self.trials(benchmark), search=b.SEARCH,
             metric=b.METRIC, max_retries=b.MAX_RETRIES, lrs=tuple(b.LRS) or None, datasets=datasets or None,
             data_root=self.cfg.DATA.DATA_ROOT or None, scaling=b.SCALING, overrides=tuple(flatten(b.CFG)),
-            executor=ExecutorOptions(kind=b.EXECUTOR,
+            executor=ExecutorOptions(kind=b.EXECUTOR, cpu_jobs=self.cpu_jobs() if b.EXECUTOR == "local" else 1,
                                      gpus_per_trial=b.GPUS_PER_TRIAL if b.GPUS_PER_TRIAL >= 0 else None))
 
     def stage_bench(self, benchmark: str, row: Row):
@@ -310,9 +347,12 @@ class Pipeline:
     def stages(self):
         """(stage name, callable) in order; each callable returns its status line."""
         plan = [("data", self.stage_data)]
+        here = [row for row in self.rows if row.pretrained_here]
+        jobs = 1 if pretrain_processes(self.cfg.PRETRAIN.NPROC_PER_NODE) > 1 else self.cpu_jobs()
+        for i in range(0, len(here), jobs):
+            group = here[i:i + jobs]
+            plan.append((f"pretrain:{'+'.join(r.id for r in group)}", lambda group=group: self.stage_pretrain(group)))
         for row in self.rows:
-            if row.pretrained_here:
-                plan.append((f"pretrain:{row.id}", lambda row=row: self.stage_pretrain(row)))
             if not row.scratch:
                 plan.append((f"convert:{row.id}", lambda row=row: self.stage_convert(row)))
         for bm, row, _ in self.bench_jobs():

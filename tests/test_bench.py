@@ -118,15 +118,21 @@ def _check_summary_matches_store(out):
 @pytest.fixture(scope="module")
 def local_sweep(synthetic, r18_pkl, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "local"
-    events = _kill_after_first_done_then_rerun(_bench_args(synthetic, r18_pkl, out), out)
+    events = _kill_after_first_done_then_rerun(_bench_args(synthetic, r18_pkl, out, "--cpu-jobs", "2"), out)
     return out, events
 
 
 def test_local_sweep_survives_sigkill_and_matches_its_store(local_sweep):
-    out, _ = local_sweep
+    out, events = local_sweep
     _check_summary_matches_store(out)
     settings = json.loads((out / "bench.json").read_text())
     assert settings["lrs"] == [0.02, 0.05] and settings["search"] == "full"
+    # --cpu-jobs 2: two trials ran side by side, each on its share of the cores.
+    order = [(e["id"], e["status"]) for e in events if e["status"] in ("running", "done")]
+    first_done = next(i for i, (_, status) in enumerate(order) if status == "done")
+    assert sum(status == "running" for _, status in order[:first_done]) == 2
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    assert all(e["cpu_threads"] == threads for e in events if e["status"] == "done")
 
 
 def test_submitit_local_sweep_survives_sigkill(synthetic, r18_pkl, tmp_path):
@@ -201,6 +207,10 @@ def test_bad_bench_inputs_exit_2_without_a_run_store(synthetic, r18_pkl, tmp_pat
     assert cli_main(*args) == 2 and "--benchmark voc2099" in capsys.readouterr().err
     assert cli_main(*_bench_args(synthetic, r18_pkl, tmp_path / "c", "MODEL.BAD_KEY", "1")) == 2
     assert "MODEL.BAD_KEY" in capsys.readouterr().err
+    assert cli_main(*_bench_args(synthetic, r18_pkl, tmp_path / "c", "--cpu-jobs", "0")) == 2
+    assert "--cpu-jobs must be >= 1" in capsys.readouterr().err
+    assert cli_main(*_bench_args(synthetic, r18_pkl, tmp_path / "c", "--cpu-jobs", "2", executor="slurm")) == 2
+    assert "--cpu-jobs 2 runs CPU trials side by side" in capsys.readouterr().err
     for metric in ("bogus/AP", "segm/AP"):  # VOC has no masks: refused before any fine-tune
         assert cli_main(*_bench_args(synthetic, r18_pkl, tmp_path / "d", "--metric", metric)) == 2
         assert f"--metric {metric}: voc07_mini reports bbox/AP50, bbox/AP, bbox/AP75" in capsys.readouterr().err

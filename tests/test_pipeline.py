@@ -54,6 +54,22 @@ def test_row_mistakes_are_refused_naming_the_key(tmp_path, rows, message):
                 p.pretrain_cfg(row)
 
 
+def test_cpu_jobs_pretrain_rows_and_trials_side_by_side(monkeypatch, tmp_path):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    one = Pipeline(load_pipeline_cfg("pipeline/mini.yaml", ["CPU_JOBS", "1"]))
+    assert [n for n, _ in one.stages() if n.startswith("pretrain")] == ["pretrain:simsiam", "pretrain:simsiam_no_sg"]
+    assert one.sweep_spec("voc07_mini", one.rows[0]).executor.cpu_jobs == 1
+    two = Pipeline(load_pipeline_cfg("pipeline/mini.yaml", ["CPU_JOBS", "2"]))
+    assert [n for n, _ in two.stages() if n.startswith("pretrain")] == ["pretrain:simsiam+simsiam_no_sg"]
+    assert two.sweep_spec("voc07_mini", two.rows[0]).executor.cpu_jobs == 2
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # GPU machines: GPUs set the parallelism
+    assert two.sweep_spec("voc07_mini", two.rows[0]).executor.cpu_jobs == 1
+    with pytest.raises(UserError, match="CPU_JOBS must be an integer >= 1, got 0"):
+        load_pipeline_cfg("pipeline/mini.yaml", ["CPU_JOBS", "0"])
+
+
 def test_per_benchmark_trials_must_name_a_benchmark(tmp_path):
     path = _write(tmp_path, f"_BASE_: {MINI}\nBENCH:\n  TRIALS_PER_BENCHMARK: {{coco_2x_mini: 1}}\n")
     with pytest.raises(UserError, match="TRIALS_PER_BENCHMARK.coco_2x_mini: not in BENCH.BENCHMARKS"):
@@ -70,7 +86,8 @@ def test_the_pipeline_and_bench_build_the_same_sweep_spec(tmp_path):
     argv = ["bench", "--benchmark", "coco_1x_mini", "--weights", str(tmp_path / "out/rows/simsiam/weights.pkl"),
             "--name", "SimSiam R18 (mini)", "--output-dir", str(tmp_path / "out/bench/coco_1x_mini/simsiam"),
             "--lrs", "0.02,0.05", "--trials", "3", "--search", "best-then-repeat", "--gpus-per-trial", "0",
-            "--datasets", str(tmp_path / "out/data/datasets.yaml"), "SOLVER.MAX_ITER", "8"]
+            "--datasets", str(tmp_path / "out/data/datasets.yaml"), "--cpu-jobs", str(pipeline.cpu_jobs()),
+            "SOLVER.MAX_ITER", "8"]
     assert pipeline.sweep_spec("coco_1x_mini", row) == sweep_spec_from_args(build_parser().parse_args(argv))
 
 
@@ -121,7 +138,7 @@ BENCH:
     proc = run_cli("pipeline", "--config", path, "OUTPUT_DIR", out, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = json.loads((out / "pipeline.json").read_text())["stages"]
-    assert state["pretrain:simsiam"]["status"].startswith("done (2 processes; ")
+    assert state["pretrain:simsiam"]["status"].startswith("done (2 processes each: simsiam (")
     # Two steps learn nothing: the pipeline says so before any fine-tune is spent on it.
     assert "[pipeline] WARNING: row simsiam:" in proc.stdout
     assert all(s["status"].startswith("done") or s["status"].startswith("skipped") for s in state.values())
