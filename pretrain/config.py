@@ -92,7 +92,7 @@ def validate(cfg, source="config"):
             raise UserError(f"{source}: {key} {value!r} is not one of {list(allowed)}")
     positive = ("SOLVER.EPOCHS", "SOLVER.BATCH_SIZE", "SOLVER.BASE_LR", "DATA.IMAGE_SIZE",
                 "MODEL.DIM", "MODEL.PRED_DIM", "MODEL.ALTERNATION_STEPS", "SOLVER.CHECKPOINT_PERIOD",
-                "SOLVER.LOG_PERIOD")
+                "SOLVER.LOG_PERIOD", "MONITOR.KNN_PERIOD")
     for key in positive:
         section, name = key.split(".")
         if not cfg[section][name] > 0:

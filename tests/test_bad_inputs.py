@@ -348,6 +348,16 @@ def _(c):
     return c.pretrain("SOLVER.BATCH_SIZE", "'many'"), ["SOLVER.BATCH_SIZE"]
 
 
+@case("config/pretrain kNN period of 0")
+def _(c):
+    return c.pretrain("MONITOR.KNN_PERIOD", "0"), ["MONITOR.KNN_PERIOD must be > 0"]
+
+
+@case("config/pipeline CPU_JOBS of 0")
+def _(c):
+    return ["pipeline", "--config", "pipeline/mini.yaml", "CPU_JOBS", "0"], ["CPU_JOBS must be an integer >= 1"]
+
+
 @case("config/finetune override of an unknown key")
 def _(c):
     return c.finetune("MODEL.BAD_KEY", "1"), ["MODEL.BAD_KEY"]
