@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import run_cli, torchvision_state
+from conftest import cli_main, run_cli, torchvision_state
 from convert.command import convert_checkpoint
 from simsiam_transfer.checkpoints import read_detectron2_pkl
 from convert.rename import rename_torchvision_to_detectron2
@@ -60,8 +60,9 @@ def _checkpoint(source, depth):
     raise AssertionError(source)
 
 
-@pytest.mark.parametrize("depth", [18, 50])
-@pytest.mark.parametrize("source", list(SOURCES))
+# Every layout at ResNet-18 (basic blocks); the renaming does not depend on the block type, so one
+# layout checks the bottleneck blocks of ResNet-50 (each R50 verification builds an R50-C4 model).
+@pytest.mark.parametrize("source, depth", [(source, 18) for source in SOURCES] + [("simsiam", 50)])
 def test_every_source_and_block_type_converts_and_verifies(tmp_path, source, depth):
     src = tmp_path / "in.pth"
     torch.save(_checkpoint(source, depth), src)
@@ -133,20 +134,19 @@ def test_verification_fails_for_wrong_weights_and_for_missing_ones(tmp_path):
         verify_detectron2_payload(payload, backbone, 18)
 
 
-def test_near_identity_blocks_are_reported_with_numbers(tmp_path):
+def test_near_identity_blocks_are_reported_with_numbers(tmp_path, capsys):
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None, zero_init_residual=True)
     torch.save(model.state_dict(), tmp_path / "zero.pth")
-    proc = run_cli("convert", tmp_path / "zero.pth", tmp_path / "zero.pkl")
-    assert proc.returncode == 0, proc.stderr
-    assert "WARNING: res2: residual-branch BN scale mean 0.0000" in proc.stderr
-    assert "near-identity" in proc.stderr
+    # The warnings are a property of the weights: verification (tested above) is not needed here.
+    assert cli_main("convert", "--no-verify", tmp_path / "zero.pth", tmp_path / "zero.pkl") == 0
+    err = capsys.readouterr().err
+    assert "WARNING: res2: residual-branch BN scale mean 0.0000" in err and "near-identity" in err
     report = json.loads((tmp_path / "zero.pkl.report.json").read_text())
     assert len(report["warnings"]) == 4 and report["residual_bn_scale"]["res5"]["max"] == 0.0
-    healthy = run_cli("convert", tmp_path / "zero.pth", tmp_path / "h.pkl", "--source", "torchvision")
-    assert healthy.returncode == 0
     torch.save(torchvision_state(18), tmp_path / "ok.pth")
-    assert "WARNING" not in run_cli("convert", tmp_path / "ok.pth", tmp_path / "ok.pkl").stderr
+    assert cli_main("convert", "--no-verify", tmp_path / "ok.pth", tmp_path / "ok.pkl") == 0
+    assert "WARNING" not in capsys.readouterr().err
 
 
 class _Evil:

@@ -10,7 +10,7 @@ from xml.etree import ElementTree as ET
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, cli_main, run_cli
 from simsiam_transfer import install_detectron2 as inst
 from simsiam_transfer.versions import detectron2_info
 
@@ -112,10 +112,9 @@ def _digest(root):
 def test_make_synthetic_is_deterministic_and_uses_real_layouts(tmp_path):
     args = ["--seed", "3", "--num-train", "6", "--num-test", "4", "--num-unlabeled", "5", "--image-size", "64"]
     for name in ("a", "b"):
-        proc = run_cli("data", "make-synthetic", "--out", tmp_path / name, *args)
-        assert proc.returncode == 0, proc.stderr
+        assert cli_main("data", "make-synthetic", "--out", tmp_path / name, *args) == 0
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
-    assert run_cli("data", "make-synthetic", "--out", tmp_path / "c", *args[:1], "4", *args[2:]).returncode == 0
+    assert cli_main("data", "make-synthetic", "--out", tmp_path / "c", *args[:1], "4", *args[2:]) == 0
     assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
 
     voc = tmp_path / "a/VOCdevkit/VOC2007"

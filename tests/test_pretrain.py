@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO, run_cli
+from conftest import REPO, cli_main, run_cli
 from pretrain import SimSiam, simsiam_loss
 from pretrain.config import load_cfg
 from pretrain.loss import negative_cosine, normalized_std
@@ -221,21 +221,23 @@ def test_sigkill_mid_run_then_rerun_resumes(synthetic, tmp_path):
     assert [r["epoch"] for r in _metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synthetic, tmp_path):
-    assert run_cli(*_mini_args(synthetic, tmp_path, "SOLVER.EPOCHS", 1)).returncode == 0
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(synthetic, tmp_path, capsys):
+    assert cli_main(*_mini_args(synthetic, tmp_path, "SOLVER.EPOCHS", 1)) == 0
     good = torch.load(tmp_path / "checkpoint_last.pth", weights_only=True)
-    proc = run_cli(*_mini_args(synthetic, tmp_path, "SOLVER.EPOCHS", 2, "SOLVER.BASE_LR", "1e30"))
-    assert proc.returncode == 1
-    assert "training diverged" in proc.stderr and "last good checkpoint" in proc.stderr
+    assert cli_main(*_mini_args(synthetic, tmp_path, "SOLVER.EPOCHS", 2, "SOLVER.BASE_LR", "1e30")) == 1
+    err = capsys.readouterr().err
+    assert "training diverged" in err and "last good checkpoint" in err
     kept = torch.load(tmp_path / "checkpoint_last.pth", weights_only=True)
     assert kept["epoch"] == 1 and torch.equal(kept["state_dict"]["encoder.conv1.weight"],
                                               good["state_dict"]["encoder.conv1.weight"])
 
 
-def test_resume_refuses_other_model_settings(synthetic, tmp_path):
-    assert run_cli(*_mini_args(synthetic, tmp_path, "SOLVER.EPOCHS", 1)).returncode == 0
-    proc = run_cli(*_mini_args(synthetic, tmp_path, "MODEL.PREDICTOR", "none"))
-    assert proc.returncode == 2 and "MODEL.PREDICTOR" in proc.stderr and "new OUTPUT_DIR" in proc.stderr
+def test_resume_refuses_other_model_settings(synthetic, tmp_path, capsys):
+    assert cli_main(*_mini_args(synthetic, tmp_path, "SOLVER.EPOCHS", 1)) == 0
+    capsys.readouterr()
+    assert cli_main(*_mini_args(synthetic, tmp_path, "MODEL.PREDICTOR", "none")) == 2
+    err = capsys.readouterr().err
+    assert "MODEL.PREDICTOR" in err and "new OUTPUT_DIR" in err
 
 
 def test_bad_train_dir_is_one_clear_error(tmp_path):
@@ -256,12 +258,11 @@ def test_torchrun_ddp_on_cpu_with_gloo(synthetic, tmp_path):
 
 
 def test_linear_probe_reports_top1(synthetic, tmp_path):
-    assert run_cli(*_mini_args(synthetic, tmp_path, "SOLVER.EPOCHS", 1)).returncode == 0
-    proc = run_cli("linear", "--config", "pretrain/simsiam_R_18_mini.yaml", "OUTPUT_DIR", tmp_path,
-                   "DATA.KNN_TRAIN_DIR", synthetic / "labeled/train", "DATA.KNN_VAL_DIR", synthetic / "labeled/val",
-                   "DATA.IMAGE_SIZE", 32, "DATA.NUM_WORKERS", 0, "MODEL.DIM", 64, "MODEL.PRED_DIM", 16,
-                   "LINEAR.EPOCHS", 2, "LINEAR.BATCH_SIZE", 16)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert cli_main(*_mini_args(synthetic, tmp_path, "SOLVER.EPOCHS", 1)) == 0
+    assert cli_main("linear", "--config", "pretrain/simsiam_R_18_mini.yaml", "OUTPUT_DIR", tmp_path,
+                    "DATA.KNN_TRAIN_DIR", synthetic / "labeled/train", "DATA.KNN_VAL_DIR", synthetic / "labeled/val",
+                    "DATA.IMAGE_SIZE", 32, "DATA.NUM_WORKERS", 0, "MODEL.DIM", 64, "MODEL.PRED_DIM", 16,
+                    "LINEAR.EPOCHS", 2, "LINEAR.BATCH_SIZE", 16) == 0
     result = json.loads((tmp_path / "linear/result.json").read_text())
     assert 0 <= result["top1"] <= 100
     assert len((tmp_path / "linear/metrics.jsonl").read_text().splitlines()) == 2
@@ -275,11 +276,10 @@ def test_normalized_std_of_collapsed_and_isotropic_outputs():
 
 
 def test_fig2_mini_shows_the_collapse_direction(synthetic, tmp_path):
-    proc = run_cli("fig2", "--config", "pretrain/simsiam_R_18_mini.yaml", "--output-dir", tmp_path,
-                   "DATA.TRAIN_DIR", synthetic / "unlabeled", "DATA.KNN_TRAIN_DIR", synthetic / "labeled/train",
-                   "DATA.KNN_VAL_DIR", synthetic / "labeled/val", "DATA.IMAGE_SIZE", 32, "DATA.NUM_WORKERS", 0,
-                   "SOLVER.EPOCHS", 12, "SOLVER.BATCH_SIZE", 32, "SOLVER.BASE_LR", 0.5, "MONITOR.KNN_PERIOD", 6)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert cli_main("fig2", "--config", "pretrain/simsiam_R_18_mini.yaml", "--output-dir", tmp_path,
+                    "DATA.TRAIN_DIR", synthetic / "unlabeled", "DATA.KNN_TRAIN_DIR", synthetic / "labeled/train",
+                    "DATA.KNN_VAL_DIR", synthetic / "labeled/val", "DATA.IMAGE_SIZE", 32, "DATA.NUM_WORKERS", 0,
+                    "SOLVER.EPOCHS", 12, "SOLVER.BATCH_SIZE", 32, "SOLVER.BASE_LR", 0.5, "MONITOR.KNN_PERIOD", 6) == 0
     summary = json.loads((tmp_path / "fig2.json").read_text())
     sg, no_sg = summary["runs"]["stop_gradient"], summary["runs"]["no_stop_gradient"]
     assert len(sg["curve"]) == len(no_sg["curve"]) == 12
