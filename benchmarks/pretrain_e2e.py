@@ -125,7 +125,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1, help="untimed epochs of each kind first")
     parser.add_argument("--image-px", type=int, default=128, help="side of the generated JPEGs (demo: 128)")
-    parser.add_argument("--amp", action="store_true", help="SOLVER.AMP True (bf16 on CPU once the engine has it)")
+    parser.add_argument("--amp", action="store_true",
+                        help="SOLVER.AMP True, as the mini recipe ships (bf16 on CPUs with native bf16); default fp32")
     parser.add_argument("--workdir", help="scratch folder (default: a temporary one)")
     args = parser.parse_args(argv)
     from simsiam_transfer.synthetic import make_synthetic

@@ -351,7 +351,8 @@ class Pipeline:
         jobs = 1 if pretrain_processes(self.cfg.PRETRAIN.NPROC_PER_NODE) > 1 else self.cpu_jobs()
         for i in range(0, len(here), jobs):
             group = here[i:i + jobs]
-            plan.append((f"pretrain:{'+'.join(r.id for r in group)}", lambda group=group: self.stage_pretrain(group)))
+            name = f"pretrain:{'+'.join(r.id for r in group)}"
+            plan.append((name, lambda group=group: self.stage_pretrain(group)))
         for row in self.rows:
             if not row.scratch:
                 plan.append((f"convert:{row.id}", lambda row=row: self.stage_convert(row)))

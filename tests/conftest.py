@@ -10,10 +10,7 @@ import torch
 import torchvision
 
 REPO = Path(__file__).resolve().parent.parent
-# torch's threads: the cores shared among pytest-xdist workers (`make test` runs 2 on 2 cores, where two
-# single-thread processes get more done than one 2-thread process: README, Measured).
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // _WORKERS)))
+os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
 def run_cli(*args, cwd=None, timeout=900, env=None):

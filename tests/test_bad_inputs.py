@@ -29,7 +29,7 @@ from detection import protocol
 BENCH_SHORT = ["SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "(1,)", "SOLVER.WARMUP_ITERS", "1", "TEST.PRECISE_BN.NUM_ITER", "1"]
 PRETRAIN_SMALL = ["DATA.IMAGE_SIZE", "32", "DATA.NUM_WORKERS", "0", "SOLVER.BATCH_SIZE", "16", "SOLVER.EPOCHS", "1",
                   "SOLVER.MAX_ITERS_PER_EPOCH", "1", "MODEL.DIM", "64", "MODEL.PRED_DIM", "16",
-                  "DATA.KNN_TRAIN_DIR", "", "DATA.KNN_VAL_DIR", ""]
+                  "DATA.KNN_TRAIN_DIR", "", "DATA.KNN_VAL_DIR", "", "SOLVER.AMP", "False"]
 
 
 class _Payload:

@@ -222,7 +222,7 @@ def test_our_pretraining_checkpoint_converts(synthetic, tmp_path):
 
     args = ["pretrain", "--config", "pretrain/simsiam_R_18_mini.yaml", "DATA.TRAIN_DIR", synthetic / "unlabeled",
             "DATA.KNN_TRAIN_DIR", "", "DATA.KNN_VAL_DIR", "", "DATA.IMAGE_SIZE", 32, "DATA.NUM_WORKERS", 0,
-            "SOLVER.BATCH_SIZE", 16, "SOLVER.EPOCHS", 1, "SOLVER.MAX_ITERS_PER_EPOCH", 1, "OUTPUT_DIR", tmp_path]
+            "SOLVER.BATCH_SIZE", 16, "SOLVER.EPOCHS", 1, "SOLVER.MAX_ITERS_PER_EPOCH", 1, "SOLVER.AMP", False, "OUTPUT_DIR", tmp_path]
     assert main([str(a) for a in args]) == 0
     report = convert_checkpoint(tmp_path / "checkpoint_last.pth", tmp_path / "out.pkl")
     assert report["source"] == "simsiam-transfer" and report["dropped"]["predictor"] > 0

@@ -121,7 +121,7 @@ ROWS:
     PRETRAIN:
       CONFIG: "pretrain/simsiam_R_18_mini.yaml"
       CFG:
-        SOLVER: {EPOCHS: 1, BATCH_SIZE: 32, MAX_ITERS_PER_EPOCH: 2}
+        SOLVER: {EPOCHS: 1, BATCH_SIZE: 32, MAX_ITERS_PER_EPOCH: 2, AMP: False}
         DATA: {IMAGE_SIZE: 32, NUM_WORKERS: 0}
   scratch: {NAME: "scratch", WEIGHTS: "none"}
 BENCH:

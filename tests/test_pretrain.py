@@ -153,7 +153,7 @@ def _mini_args(synthetic, out, *extra):
             "DATA.TRAIN_DIR", synthetic / "unlabeled", "DATA.KNN_TRAIN_DIR", synthetic / "labeled/train",
             "DATA.KNN_VAL_DIR", synthetic / "labeled/val", "DATA.IMAGE_SIZE", 32, "DATA.NUM_WORKERS", 0,
             "SOLVER.BATCH_SIZE", 16, "SOLVER.EPOCHS", 2, "SOLVER.MAX_ITERS_PER_EPOCH", 2,
-            "MODEL.DIM", 64, "MODEL.PRED_DIM", 16, "OUTPUT_DIR", out, *extra]
+            "MODEL.DIM", 64, "MODEL.PRED_DIM", 16, "SOLVER.AMP", False, "OUTPUT_DIR", out, *extra]
 
 
 def _metrics(out):
@@ -279,7 +279,8 @@ def test_fig2_mini_shows_the_collapse_direction(synthetic, tmp_path):
     assert cli_main("fig2", "--config", "pretrain/simsiam_R_18_mini.yaml", "--output-dir", tmp_path,
                     "DATA.TRAIN_DIR", synthetic / "unlabeled", "DATA.KNN_TRAIN_DIR", synthetic / "labeled/train",
                     "DATA.KNN_VAL_DIR", synthetic / "labeled/val", "DATA.IMAGE_SIZE", 32, "DATA.NUM_WORKERS", 0,
-                    "SOLVER.EPOCHS", 12, "SOLVER.BATCH_SIZE", 32, "SOLVER.BASE_LR", 0.5, "MONITOR.KNN_PERIOD", 6) == 0
+                    "SOLVER.EPOCHS", 12, "SOLVER.BATCH_SIZE", 32, "SOLVER.BASE_LR", 0.5, "MONITOR.KNN_PERIOD", 6,
+                    "SOLVER.AMP", False) == 0
     summary = json.loads((tmp_path / "fig2.json").read_text())
     sg, no_sg = summary["runs"]["stop_gradient"], summary["runs"]["no_stop_gradient"]
     assert len(sg["curve"]) == len(no_sg["curve"]) == 12

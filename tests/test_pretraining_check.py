@@ -19,7 +19,7 @@ def noop_checkpoint(synthetic, tmp_path_factory):
     assert cli_main("pretrain", "--config", "pretrain/simsiam_R_18_mini.yaml", "DATA.TRAIN_DIR", synthetic / "unlabeled",
                     "DATA.KNN_TRAIN_DIR", "", "DATA.KNN_VAL_DIR", "", "DATA.IMAGE_SIZE", 32, "DATA.NUM_WORKERS", 0,
                     "SOLVER.BATCH_SIZE", 16, "SOLVER.BASE_LR", 1e-6, "SOLVER.EPOCHS", 1,
-                    "SOLVER.MAX_ITERS_PER_EPOCH", 1, "OUTPUT_DIR", out) == 0
+                    "SOLVER.MAX_ITERS_PER_EPOCH", 1, "SOLVER.AMP", False, "OUTPUT_DIR", out) == 0
     return out / "checkpoint_last.pth"
 
 
