@@ -1,7 +1,7 @@
 """CPU_JOBS / ``bench --cpu-jobs``: two CPU jobs side by side (cores/2 threads each) against the same two
 jobs one after another (all cores each), for a mini pretraining and a mini fine-tune.
 
-    python benchmarks/cpu_jobs.py                   # both stages, 1 round (~4 min on 2 cores)
+    python benchmarks/cpu_jobs.py                   # both stages, 1 round (~2 min on 2 cores)
     python benchmarks/cpu_jobs.py --stages finetune --rounds 2
 
 Each job is the real CLI in its own process (``pretrain`` with the mini recipe, bf16 where the CPU has
@@ -22,9 +22,14 @@ import _common  # noqa: F401  (puts the repository on sys.path)
 from _common import REPO, emit, machine
 
 
+UNLABELED = 512
+STEPS_PER_EPOCH = UNLABELED // 32  # the mini recipe's batch
+
+
 def pretrain_argv(data: Path, out: Path, steps: int):
     return ["pretrain", "--config", "pretrain/simsiam_R_18_mini.yaml", "DATA.TRAIN_DIR", str(data / "unlabeled"),
-            "DATA.CHECK_IMAGES", "never", "SOLVER.EPOCHS", "1", "SOLVER.MAX_ITERS_PER_EPOCH", str(steps),
+            "DATA.KNN_TRAIN_DIR", "", "DATA.KNN_VAL_DIR", "", "DATA.CHECK_IMAGES", "never",
+            "SOLVER.EPOCHS", str(max(1, steps // STEPS_PER_EPOCH)), "SOLVER.CHECKPOINT_PERIOD", "1000",
             "OUTPUT_DIR", str(out)]
 
 
@@ -60,7 +65,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stages", default="pretrain,finetune")
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--pretrain-steps", type=int, default=60)
+    parser.add_argument("--pretrain-steps", type=int, default=64, help="rounded down to whole epochs of 16")
     parser.add_argument("--finetune-iters", type=int, default=40)
     args = parser.parse_args()
     from simsiam_transfer.synthetic import make_synthetic
@@ -69,8 +74,8 @@ def main():
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        data = make_synthetic(work / "data", num_train=48, num_test=24, num_unlabeled=512,
-                              labeled_per_class=(4, 2))
+        data = make_synthetic(work / "data", num_train=48, num_test=24, num_unlabeled=UNLABELED,
+                              labeled_per_class=(4, 2), workers=1)
         for stage in args.stages.split(","):
             build = {"pretrain": lambda o: pretrain_argv(data, o, args.pretrain_steps),
                      "finetune": lambda o: finetune_argv(data, o, args.finetune_iters)}[stage]

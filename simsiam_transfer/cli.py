@@ -210,7 +210,7 @@ def build_parser():
                         "--executor slurm; 0 on CPU). Fewer than visible runs trials in parallel")
     p.add_argument("--cpu-jobs", type=int, default=1,
                    help="CPU-only trials to run side by side (default 1), each with cores/N threads: on a "
-                        "2-core machine 2 single-thread trials finish ~1.3-2x sooner than one after another "
+                        "2-core machine 2 single-thread mini trials finished 1.25x sooner than one after another "
                         "(README, Measured); results match to float rounding")
     p.add_argument("--executor", default="local", choices=("local", "slurm", "submitit-local"))
     p.add_argument("--slurm-partition")

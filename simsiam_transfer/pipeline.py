@@ -61,7 +61,8 @@ _P.DATA.DATA_ROOT = ""           # root of the standard VOC/COCO folders
 _P.PRETRAIN = CN()
 _P.PRETRAIN.NPROC_PER_NODE = -1  # pretraining processes: -1 = one per visible GPU (1 on CPU)
 # Without GPUs: pretraining rows and fine-tuning trials run CPU_JOBS at a time, each with an equal
-# share of the cores (on 2 cores, 2 single-thread jobs beat one 2-thread job: README, Measured).
+# share of the cores (on 2 cores, two single-thread jobs beat one 2-thread job after the other:
+# 1.25x for mini fine-tunes, 1.48x for bf16 mini pretraining; README, Measured).
 _P.CPU_JOBS = 1
 _P.ROWS = CN(new_allowed=True)   # row id -> _ROW keys; ids name folders, so [A-Za-z0-9._-]
 _P.CONVERT = CN()
