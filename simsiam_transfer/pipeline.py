@@ -10,7 +10,8 @@ A pipeline config lists ``ROWS``; each row is one line of the table and gets its
                           the first run needs network, torchvision caches the file
 
 then every row is converted (verified), benchmarked on every ``BENCH.BENCHMARKS`` entry (LR search
-x trials, ``BENCH.TRIALS_PER_BENCHMARK`` per benchmark) and reported. Each stage resumes on its own,
+x trials, ``BENCH.TRIALS_PER_BENCHMARK`` per benchmark) and reported. Without GPUs, ``CPU_JOBS`` N
+pretrains up to N rows and runs N fine-tuning trials at a time, each with cores/N threads. Each stage resumes on its own,
 so running the same command again continues at the first unfinished stage; ``pipeline.json``
 records each stage's status. Layout::
 
