@@ -15,6 +15,8 @@ REPO = HERE.parent
 # benchmarks/convert.py must not shadow the ``convert`` package once this module is loaded.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(REPO))
+# Last, not first: processes spawned by the data generator re-run the script, which imports _common.
+sys.path.append(str(HERE))
 
 
 def cpu_model() -> str:

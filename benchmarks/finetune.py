@@ -48,7 +48,7 @@ def build_trainers(weights: str, datasets: str, work: Path, iters: int):
                           overrides=["SOLVER.MAX_ITER", str(iters), "OUTPUT_DIR", str(work / side)])
         if side == "ours":
             start = time.perf_counter()
-            job, _ = preflight(job)
+            job, _, _ = preflight(job)
             preflight_s = time.perf_counter() - start
         register_datasets(None, datasets)
         cfg = build_cfg(job)
