@@ -20,7 +20,7 @@ from detectron2.data import MetadataCatalog
 from tqdm import tqdm
 
 from detection import protocol
-from detection.executors import LocalExecutor, SubmititExecutor, device_slots
+from detection.executors import LocalExecutor, SubmititExecutor, local_slots
 from detection.finetune import evaluator_types, plan, preflight
 from detection.report import load_bench, plot_ap_vs_lr, render
 from detection.runstore import RunStore
@@ -104,13 +104,13 @@ class Bench:
         lrs = list(self.spec.lrs or [float(cfg.SOLVER.BASE_LR)])
         first = protocol.search_plan(lrs, self.spec.trials, self.spec.search)
         later = protocol.repeat_plan("SELECTED", self.spec.trials, self.spec.search)
-        slots = device_slots(os.environ.get("CUDA_VISIBLE_DEVICES") if assume_gpus is None else None,
-                             visible, gpus) if self.spec.executor.kind == "local" else None
+        slots = local_slots(os.environ.get("CUDA_VISIBLE_DEVICES") if assume_gpus is None else None,
+                            visible, gpus, self.spec.executor.cpu_jobs) if self.spec.executor.kind == "local" else None
         return {
             "name": self.spec.name, "benchmark": self.label, "config": self.config, "weights": self.spec.weights,
             "output_dir": str(self.out), "executor": self.spec.executor.kind, "visible_gpus": visible,
             "gpus_per_trial": gpus, "cpu_jobs": self.spec.executor.cpu_jobs,
-            "parallel_trials": (self.spec.executor.cpu_jobs if not gpus else len(slots)) if slots else None,
+            "parallel_trials": len(slots) if slots else None,
             "search": self.spec.search, "metric": self.spec.metric,
             "rule": protocol.RULES[self.spec.search].format(m=self.spec.metric), "lrs": lrs,
             "fine_tunes": len(first) + len(later),

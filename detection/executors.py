@@ -68,11 +68,19 @@ def device_slots(parent_mask, device_count, gpus_per_trial):
     return [s for s in slots if len(s) == gpus_per_trial] or [[]]
 
 
-def cpu_thread_env(jobs, cores=None):
+def cpu_thread_env(jobs):
     """Environment for one of ``jobs`` CPU processes sharing this machine: an equal share of the cores
     as torch's intra-op threads (OpenMP and MKL read these at start-up)."""
-    threads = str(max(1, (cores or os.cpu_count() or 1) // jobs))
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
     return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+
+def local_slots(parent_mask, device_count, gpus_per_trial, cpu_jobs=1):
+    """The local executor's slots, one trial each at a time: ``cpu_jobs`` GPU-less slots for CPU
+    trials, else ``device_slots``."""
+    if not gpus_per_trial and cpu_jobs > 1:
+        return [[] for _ in range(cpu_jobs)]
+    return device_slots(parent_mask, device_count, gpus_per_trial)
 
 
 class LocalExecutor:
@@ -85,11 +93,8 @@ class LocalExecutor:
             device_count = torch.cuda.device_count()
         if parent_mask is None:
             parent_mask = os.environ.get("CUDA_VISIBLE_DEVICES")
-        self.slots = device_slots(parent_mask, device_count, gpus_per_trial)
-        self.cpu_env = None
-        if not gpus_per_trial and cpu_jobs > 1:
-            self.slots = [[] for _ in range(cpu_jobs)]
-            self.cpu_env = cpu_thread_env(cpu_jobs)
+        self.slots = local_slots(parent_mask, device_count, gpus_per_trial, cpu_jobs)
+        self.cpu_env = cpu_thread_env(cpu_jobs) if not gpus_per_trial and cpu_jobs > 1 else None
 
     def _env(self, gpus):
         return dict(self.cpu_env) if self.cpu_env is not None else {"CUDA_VISIBLE_DEVICES": ",".join(gpus)}

@@ -11,9 +11,9 @@ A pipeline config lists ``ROWS``; each row is one line of the table and gets its
 
 then every row is converted (verified), benchmarked on every ``BENCH.BENCHMARKS`` entry (LR search
 x trials, ``BENCH.TRIALS_PER_BENCHMARK`` per benchmark) and reported. Without GPUs, ``CPU_JOBS`` N
-pretrains up to N rows and runs N fine-tuning trials at a time, each with cores/N threads. Each stage resumes on its own,
-so running the same command again continues at the first unfinished stage; ``pipeline.json``
-records each stage's status. Layout::
+pretrains up to N rows and runs N fine-tuning trials at a time, each with cores/N threads. Each
+stage resumes on its own, so running the same command again continues at the first unfinished
+stage; ``pipeline.json`` records each stage's status. Layout::
 
     OUTPUT_DIR/data/                          generated datasets (DATA.SYNTHETIC)
     OUTPUT_DIR/rows/<row>/pretrain/           a row's pretraining run

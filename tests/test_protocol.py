@@ -205,6 +205,9 @@ def test_parallel_trials_stay_on_the_parents_gpus(monkeypatch):
     assert executors.device_slots(None, 2, 1) == [["0"], ["1"]]
     assert executors.device_slots("4,5,6,7", 4, 4) == [["4", "5", "6", "7"]]
     assert executors.device_slots(None, 0, 0) == [[]]
+    # CPU trials side by side (--cpu-jobs); GPU trials keep their GPU groups whatever --cpu-jobs says.
+    assert executors.local_slots(None, 0, 0, cpu_jobs=2) == [[], []]
+    assert executors.local_slots("4,5", 2, 1, cpu_jobs=2) == [["4"], ["5"]]
     seen = []
 
     def fake_trial(trial, env=None):
