@@ -8,6 +8,8 @@ STAMP  := $(VENV)/.simsiam-transfer-installed
 # Exactly these builds lie on the CI machines' disk; other versions are multi-GB downloads.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= runs/demo
+# pytest-xdist processes for `make test`; each test file stays on one worker (module fixtures run once).
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test test-fast clean
 
@@ -27,7 +29,7 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m mypy
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests

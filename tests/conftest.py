@@ -5,12 +5,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-import torchvision
-
 REPO = Path(__file__).resolve().parent.parent
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Torch threads per test process, set before torch is imported (the subprocesses tests start inherit
+# it). Under pytest-xdist (``make test`` runs two workers) each worker gets its share of the cores,
+# whatever the controller process passed down: two workers of 2 threads on 2 cores spin against each
+# other and ran the suite slower than one process.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _share = (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(max(1, min(2, _share)))
+else:
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torchvision  # noqa: E402
 
 
 def run_cli(*args, cwd=None, timeout=900, env=None):

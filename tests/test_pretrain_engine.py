@@ -298,6 +298,7 @@ def test_two_process_gloo_run_with_knn(synthetic, tmp_path, ablation):
     assert 0 <= record["knn_top1"] <= 100 and record["steps"] == 2
     ckpt = torch.load(tmp_path / "checkpoint_last.pth", weights_only=True)
     assert len(ckpt["rng"]) == 2 and all(len(r["cuda"]) <= 1 for r in ckpt["rng"])
+    assert not any(k.startswith("module.") for k in ckpt["state_dict"])  # DDP's wrapper is not saved
     if ablation:
         norms = ckpt["targets"]["memory"].norm(dim=1)  # every image filled, by both ranks together
         assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
