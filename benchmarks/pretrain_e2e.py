@@ -3,8 +3,9 @@ pre-loaded batches (the bare step), and where the difference goes (one JSON line
 
     python benchmarks/pretrain_e2e.py                       # mini recipe, generated 128-px JPEGs
     python benchmarks/pretrain_e2e.py --workers 0,1 --rounds 4 --image-px 384
+    python benchmarks/pretrain_e2e.py --workers 0,1 --images 2048 --amp   # 64-step epochs, as shipped
 
-Generates the mini recipe's data (``make_synthetic``: 256 unlabeled images = 8 steps of 32, small
+Generates the mini recipe's data (``make_synthetic``: ``--images`` unlabeled, 256 = 8 steps of 32, small
 labeled kNN folders), then for each DATA.NUM_WORKERS builds the engine's ``Pretrainer`` for the
 mini recipe and times, in interleaved rounds, one epoch with its DataLoader (``e2e``) and one epoch
 whose loader is a list of already-augmented batches (``bare``: the engine's step and its per-step
@@ -125,6 +126,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1, help="untimed epochs of each kind first")
     parser.add_argument("--image-px", type=int, default=128, help="side of the generated JPEGs (demo: 128)")
+    parser.add_argument("--images", type=int, default=256,
+                        help="unlabeled images, i.e. steps per epoch x 32 (the demo: 4,000, 125 steps)")
     parser.add_argument("--amp", action="store_true",
                         help="SOLVER.AMP True, as the mini recipe ships (bf16 on CPUs with native bf16); default fp32")
     parser.add_argument("--workdir", help="scratch folder (default: a temporary one)")
@@ -133,7 +136,7 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
-        data = make_synthetic(work / "data", num_train=4, num_test=4, num_unlabeled=256,
+        data = make_synthetic(work / "data", num_train=4, num_test=4, num_unlabeled=args.images,
                               labeled_per_class=(20, 10), image_size=args.image_px)
         cfg = mini_cfg(data, work / "probe", 0, args.amp)
         record = {"benchmark": "pretrain_e2e", "machine": machine(), "config": MINI,

@@ -2,6 +2,7 @@
 
     python benchmarks/pretrain_step.py                      # R18 @ 64 px (batch 64) and R50 @ 128 px (batch 16)
     python benchmarks/pretrain_step.py --cases r18_64 --rounds 6
+    python benchmarks/pretrain_step.py --cases r18_64 --profile 3   # + where each step's CPU time goes
 
 The reference is written from the paper (Algorithm 1, Sec. 4) in the structure of the official
 builder: a torchvision ResNet built with ``num_classes=dim, zero_init_residual=True`` whose fc becomes
@@ -123,13 +124,44 @@ def engine_step(cfg):
 
 OURS = engine_step
 
+# torch.profiler op name -> category (first match wins); self CPU time is summed per category.
+PROFILE_CATEGORIES = (
+    ("convolution backward", ("convolution_backward", "mkldnn_convolution_backward")),
+    ("convolution forward", ("convolution", "conv2d")),
+    ("batch norm", ("batch_norm",)),
+    ("relu / pooling", ("relu", "threshold_backward", "pool")),
+    ("linear (MLP heads)", ("addmm", "aten::mm", "linear", "aten::matmul")),
+    ("optimizer (SGD)", ("sgd", "_foreach", "optimizer")),
+    ("layout / dtype copies", ("copy_", "aten::to", "_to_copy", "contiguous", "clone")),
+)
+
+
+def profile_step(step, steps):
+    """Share of the step's self CPU time by category (``PROFILE_CATEGORIES``), over ``steps`` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()  # warm-up outside the profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    totals: dict = {}
+    for event in prof.key_averages():
+        if event.key.startswith("ProfilerStep") or event.key.startswith("## "):
+            continue
+        name = event.key.lower()
+        category = next((cat for cat, keys in PROFILE_CATEGORIES if any(k in name for k in keys)), "other")
+        totals[category] = totals.get(category, 0.0) + event.self_cpu_time_total
+    whole = sum(totals.values()) or 1.0
+    return {"self_cpu_ms_per_step": round(whole / 1000.0 / steps, 1),
+            "share": {k: round(v / whole, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}}
+
 
 def case_cfg(backbone, size, batch, dim, pred_dim, amp):
     return load_cfg(None, ["MODEL.BACKBONE", backbone, "MODEL.DIM", dim, "MODEL.PRED_DIM", pred_dim,
                            "DATA.IMAGE_SIZE", size, "SOLVER.BATCH_SIZE", batch, "SOLVER.AMP", amp])
 
 
-def run_case(name, rounds, steps, levers):
+def run_case(name, rounds, steps, levers, profile_steps=0):
     backbone, size, batch, dim, pred_dim = CASES[name]
     torch.manual_seed(0)
     x1, x2 = torch.randn(batch, 3, size, size), torch.randn(batch, 3, size, size)
@@ -164,6 +196,8 @@ def run_case(name, rounds, steps, levers):
             "bf16": paired_ratio(base, wall["lever_bf16"]),
             "both (ours_amp)": paired_ratio(base, wall["ours_amp"]),
         }
+    if profile_steps:
+        result["profile"] = {k: profile_step(variants[k], profile_steps) for k in ("reference", "ours", "ours_amp")}
     print(f"pretrain_step {name}: {result}", file=sys.stderr, flush=True)
     return result
 
@@ -175,13 +209,16 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=1, help="steps per variant per round")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     parser.add_argument("--levers", default="r18_64", help="cases that also time the lever_* variants ('' for none)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="also profile STEPS steps of reference, ours and ours_amp (torch.profiler): "
+                             "share of self CPU time by op category")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     record = {"benchmark": "pretrain_step", "machine": machine(),
               "targets": {"ratio.ours": 1.3, "ratio.ours_amp": 1.7}, "cases": {}}
     for name in args.cases.split(","):
-        record["cases"][name] = run_case(name, args.rounds, args.steps, name in args.levers.split(","))
+        record["cases"][name] = run_case(name, args.rounds, args.steps, name in args.levers.split(","), args.profile)
     emit(record)
 
 
