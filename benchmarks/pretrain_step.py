@@ -17,6 +17,7 @@ Variants (``ratio`` = median over rounds of reference time / variant time, from 
   ours_amp     the same with SOLVER.AMP True: bf16 autocast and channels_last
   lever_*      our model with a lever set by hand: nchw_fp32 (neither lever), bf16 (NCHW); the lever
                table reads both levers from ``ours_amp`` against nchw_fp32
+  compiled_*   (``--compile``) our model under ``torch.compile``, fp32 NCHW and bf16 channels_last
 """
 
 import argparse
@@ -78,8 +79,9 @@ def reference_step(backbone: str, dim: int, pred_dim: int, lr: float):
 
 
 # -- ours -------------------------------------------------------------------------------------------
-def our_step(cfg, channels_last: bool, bf16: bool):
-    """Our model, loss and optimizer with the two CPU levers set by hand (for the lever table)."""
+def our_step(cfg, channels_last: bool, bf16: bool, compiled: bool = False):
+    """Our model, loss and optimizer with the CPU levers set by hand (for the lever table);
+    ``compiled``: the model under ``torch.compile`` (inductor, default mode; compiled in warm-up)."""
     model = build_model(cfg)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -87,11 +89,12 @@ def our_step(cfg, channels_last: bool, bf16: bool):
     optimizer = torch.optim.SGD(model.parameter_groups(cfg.SOLVER.FIX_PRED_LR), lr=cfg.SOLVER.BASE_LR,
                                 momentum=cfg.SOLVER.MOMENTUM, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
+    forward = torch.compile(model) if compiled else model
 
     def step(x1, x2):
         x1, x2 = x1.contiguous(memory_format=fmt), x2.contiguous(memory_format=fmt)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            p1, p2, z1, z2 = model(x1, x2)
+            p1, p2, z1, z2 = forward(x1, x2)
         p1, p2, z1, z2 = p1.float(), p2.float(), z1.float(), z2.float()
         loss = simsiam_loss(p1, p2, z1, z2)
         optimizer.zero_grad(set_to_none=True)
@@ -161,7 +164,7 @@ def case_cfg(backbone, size, batch, dim, pred_dim, amp):
                            "DATA.IMAGE_SIZE", size, "SOLVER.BATCH_SIZE", batch, "SOLVER.AMP", amp])
 
 
-def run_case(name, rounds, steps, levers, profile_steps=0):
+def run_case(name, rounds, steps, levers, profile_steps=0, compiled=False):
     backbone, size, batch, dim, pred_dim = CASES[name]
     torch.manual_seed(0)
     x1, x2 = torch.randn(batch, 3, size, size), torch.randn(batch, 3, size, size)
@@ -177,6 +180,11 @@ def run_case(name, rounds, steps, levers, profile_steps=0):
         makers.update({
             "lever_nchw_fp32": lambda: our_step(fp32_cfg, channels_last=False, bf16=False),
             "lever_bf16": lambda: our_step(fp32_cfg, channels_last=False, bf16=True),
+        })
+    if compiled:  # compile time (tens of seconds on CPU) is spent in the warm-up step, not timed
+        makers.update({
+            "compiled_fp32": lambda: our_step(fp32_cfg, channels_last=False, bf16=False, compiled=True),
+            "compiled_bf16": lambda: our_step(amp_cfg, channels_last=True, bf16=True, compiled=True),
         })
     variants = {}
     for key, make in makers.items():
@@ -209,6 +217,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=1, help="steps per variant per round")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     parser.add_argument("--levers", default="r18_64", help="cases that also time the lever_* variants ('' for none)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time our model under torch.compile, fp32 NCHW and bf16 channels_last")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="also profile STEPS steps of reference, ours and ours_amp (torch.profiler): "
                              "share of self CPU time by op category")
@@ -218,7 +228,8 @@ def main(argv=None):
     record = {"benchmark": "pretrain_step", "machine": machine(),
               "targets": {"ratio.ours": 1.3, "ratio.ours_amp": 1.7}, "cases": {}}
     for name in args.cases.split(","):
-        record["cases"][name] = run_case(name, args.rounds, args.steps, name in args.levers.split(","), args.profile)
+        record["cases"][name] = run_case(name, args.rounds, args.steps, name in args.levers.split(","), args.profile,
+                                         args.compile)
     emit(record)
 
 

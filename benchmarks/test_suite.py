@@ -4,7 +4,7 @@
     python3 benchmarks/test_suite.py --ref main --keep /tmp/suite
 
 Runs ``make setup`` (venv, pinned torch, detectron2, the package, ``doctor``) and then ``make test``
-(which finds the set-up done and runs only pytest), each timed on its own; the target is the sum
+(which finds the set-up done and runs mypy and pytest), each timed on its own; the target is the sum
 under 5 minutes on the 2-core CI machine. Needs only the standard library (a fresh machine has no torch
 yet). PYTHONPATH and VIRTUAL_ENV are cleared for the children, so the clone's code is what runs.
 """
