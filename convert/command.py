@@ -6,7 +6,7 @@ from pathlib import Path
 
 from convert.d2_format import detectron2_payload, write_detectron2_pkl
 from convert.rename import rename_state_dict
-from convert.verify import (near_identity_warnings, pretraining_check, residual_scale_stats,
+from convert.verify import (decay_only_scale, near_identity_warnings, pretraining_check, residual_scale_stats,
                             verify_detectron2_payload)
 from simsiam_transfer import atomic
 from simsiam_transfer.checkpoints import conversion_report_path, extract_backbone
@@ -73,9 +73,13 @@ def convert_command(args):
 def _diagnose(backbone, block, training):
     """(residual-BN statistics, the no-op/collapse verdict) of an extracted backbone and its
     checkpoint's training record (None for checkpoints of other projects)."""
-    stats = residual_scale_stats(backbone, block)
     training = training or {}
-    return stats, pretraining_check(stats, training.get("history"), training.get("dim", 0))
+    decay_only = None
+    if training.get("zero_init_residual") is False:  # the scales started at 1.0
+        decay_only = decay_only_scale(training.get("history"), training.get("weight_decay", 0.0),
+                                      training.get("momentum", 0.0))
+    stats = residual_scale_stats(backbone, block, decay_only)
+    return stats, pretraining_check(stats, training.get("history"), training.get("dim", 0), decay_only)
 
 
 def check_pretraining_run(checkpoint_path) -> dict:

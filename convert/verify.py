@@ -10,8 +10,9 @@
    absolute bound would flag float32 rounding on the large activations of untrained nets).
 3. Diagnostics: the last BN scale of every residual branch, per stage; near-zero scales mean
    near-identity blocks, which fine-tune worse than random init; scales still at 1.0 (their init
-   without zero-init residuals), a loss that never fell, or a collapsed output mean a pretraining
-   that did not learn (``pretraining_check``; the verdict lands in OUTPUT.report.json for ``bench``).
+   without zero-init residuals) or exactly where weight decay alone puts them, a loss that never
+   fell, or a collapsed output mean a pretraining that did not learn (``pretraining_check``; the
+   verdict lands in OUTPUT.report.json for ``bench``).
 """
 
 import math
@@ -30,6 +31,9 @@ TOLERANCE = 1e-4
 NEAR_IDENTITY_SCALE = 0.02
 # Residual-BN scales whose mean |gamma - 1| stays under this never left their 1.0 init.
 STUCK_AT_ONE = 0.005
+# Scales that moved only by weight decay: every stage's mean within this fraction of the decay (plus
+# 0.001) of the decay-only prediction, and res5's scales within STUCK_AT_ONE of it on average.
+DECAY_ONLY_FRACTION = 0.1
 # A SimSiam run that learned reaches a loss well below this (trained: -0.6 to -0.9; untouched: ~0).
 LEARNED_LOSS = -0.3
 # std of the l2-normalised output times sqrt(d): ~1 when spread out, ~0 when collapsed (paper Fig. 2).
@@ -88,20 +92,34 @@ def verify_detectron2_payload(payload, backbone, depth, stride_in_1x1=False, ima
     return report
 
 
-def residual_scale_stats(backbone, block):
-    """Per stage, |gamma| of each residual branch's last BN (mean, min, max)."""
+def residual_scale_stats(backbone, block, decay_only: Optional[float] = None):
+    """Per stage, |gamma| of each residual branch's last BN (mean, min, max), and the mean distance
+    of the scales from 1.0 (their init without zero-init residuals) and from ``decay_only`` (where
+    weight decay alone would have put them, ``decay_only_scale``) when given."""
     last_bn = "bn3" if block == "bottleneck" else "bn2"
     stats = {}
     for stage in range(1, 5):
-        scales = [backbone[k].abs().mean().item() for k in sorted(backbone)
+        gammas = [backbone[k] for k in sorted(backbone)
                   if k.startswith(f"layer{stage}.") and k.endswith(f".{last_bn}.weight")]
-        changes = [(backbone[k] - 1).abs().mean().item() for k in sorted(backbone)
-                   if k.startswith(f"layer{stage}.") and k.endswith(f".{last_bn}.weight")]
+        scales = [g.abs().mean().item() for g in gammas]
         stats[f"res{stage + 1}"] = {
             "mean": float(np.mean(scales)), "min": float(np.min(scales)), "max": float(np.max(scales)),
-            "blocks": len(scales), "mean_abs_change_from_one": float(np.mean(changes)),
+            "blocks": len(scales), "mean_abs_change_from_one": float(np.mean([(g - 1).abs().mean().item()
+                                                                              for g in gammas])),
         }
+        if decay_only is not None:
+            stats[f"res{stage + 1}"]["mean_abs_change_from_decay_only"] = float(np.mean(
+                [(g.abs() - decay_only).abs().mean().item() for g in gammas]))
     return stats
+
+
+def decay_only_scale(history: list, weight_decay: float, momentum: float) -> Optional[float]:
+    """Where SGD's weight decay alone takes a parameter that starts at 1.0 and gets no gradient:
+    each step multiplies it by about (1 - lr * wd / (1 - momentum)), so after the run by
+    exp(-wd / (1 - momentum) * sum over epochs of lr * steps). None without the per-epoch record."""
+    if not history or not 0 <= momentum < 1 or any("lr" not in r or "steps" not in r for r in history):
+        return None
+    return math.exp(-weight_decay / (1 - momentum) * sum(float(r["lr"]) * int(r["steps"]) for r in history))
 
 
 def near_identity_warnings(stats, threshold=NEAR_IDENTITY_SCALE):
@@ -113,15 +131,26 @@ def near_identity_warnings(stats, threshold=NEAR_IDENTITY_SCALE):
     ]
 
 
-def stuck_scale_warnings(stats: dict, tolerance: float = STUCK_AT_ONE) -> list:
-    """Stages whose residual-BN scales never left 1.0, their init with ZERO_INIT_RESIDUAL False."""
+def stuck_scale_warnings(stats: dict, tolerance: float = STUCK_AT_ONE, decay_only: Optional[float] = None) -> list:
+    """Residual-BN scales that never left 1.0, their init with ZERO_INIT_RESIDUAL False, or that moved
+    exactly as weight decay alone moves them (``decay_only``: the predicted scale) with next to no
+    gradient."""
     stuck = {stage: s for stage, s in stats.items()
              if s.get("mean_abs_change_from_one", float("inf")) < tolerance}
-    if len(stuck) < len(stats):
+    if len(stuck) == len(stats):
+        values = ", ".join(f"{stage} {s['mean_abs_change_from_one']:.4f}" for stage, s in stuck.items())
+        return [f"residual-branch BN scales still at their 1.0 init in every stage (mean |gamma - 1|: {values}; "
+                f"< {tolerance}): the backbone barely moved from its initialisation"]
+    if decay_only is None or "res5" not in stats or "mean_abs_change_from_decay_only" not in stats["res5"]:
         return []
-    values = ", ".join(f"{stage} {s['mean_abs_change_from_one']:.4f}" for stage, s in stuck.items())
-    return [f"residual-branch BN scales still at their 1.0 init in every stage (mean |gamma - 1|: {values}; "
-            f"< {tolerance}): the backbone barely moved from its initialisation"]
+    close = DECAY_ONLY_FRACTION * (1 - decay_only) + 0.001
+    if all(abs(s["mean"] - decay_only) <= close for s in stats.values()) and \
+            stats["res5"]["mean_abs_change_from_decay_only"] < tolerance:
+        values = ", ".join(f"{stage} {s['mean']:.4f}" for stage, s in stats.items())
+        return [f"residual-branch BN scales moved only as weight decay alone moves them (mean |gamma|: {values}; "
+                f"decay alone, from the LR schedule, SOLVER.WEIGHT_DECAY and SOLVER.MOMENTUM: {decay_only:.4f}): "
+                "the backbone got next to no gradient"]
+    return []
 
 
 def training_warnings(history: list, dim: int, loss_threshold: float = LEARNED_LOSS,
@@ -142,9 +171,10 @@ def training_warnings(history: list, dim: int, loss_threshold: float = LEARNED_L
     return warnings
 
 
-def pretraining_check(stats: dict, history: Optional[list] = None, dim: int = 0) -> dict:
+def pretraining_check(stats: dict, history: Optional[list] = None, dim: int = 0,
+                      decay_only: Optional[float] = None) -> dict:
     """The no-op/collapse verdict of one pretrained backbone: ``{"ok", "problems", "advice", ...}``."""
-    problems = stuck_scale_warnings(stats) + training_warnings(history or [], dim)
+    problems = stuck_scale_warnings(stats, decay_only=decay_only) + training_warnings(history or [], dim)
     advice = ("train longer (more SOLVER.EPOCHS or images), raise SOLVER.BASE_LR, and check "
               "MODEL.STOP_GRADIENT / MODEL.PREDICTOR; fine-tuning this backbone measures its initialisation, "
               "not SimSiam") if problems else ""

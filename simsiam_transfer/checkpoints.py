@@ -235,16 +235,25 @@ def extract_backbone(path, source="auto"):
 
 
 def training_record(checkpoint) -> Optional[dict]:
-    """This project's pretraining checkpoints carry per-epoch ``history`` and the projector dim d."""
+    """This project's pretraining checkpoints carry per-epoch ``history`` (loss, z_std, lr, steps) and
+    their config: the projector dim d, the weight decay and momentum, and whether the residual
+    branches' last BN started at zero (None where the config does not say)."""
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("history"), list):
         return None
     import yaml
 
+    record = {"history": checkpoint["history"], "dim": 0, "weight_decay": 0.0, "momentum": 0.0,
+              "zero_init_residual": None}
     try:
-        dim = int(yaml.safe_load(checkpoint.get("config") or "").get("MODEL", {}).get("DIM", 0))
+        cfg = yaml.safe_load(checkpoint.get("config") or "")
+        record["dim"] = int(cfg.get("MODEL", {}).get("DIM", 0))
+        record["weight_decay"] = float(cfg.get("SOLVER", {}).get("WEIGHT_DECAY", 0.0))
+        record["momentum"] = float(cfg.get("SOLVER", {}).get("MOMENTUM", 0.0))
+        zero_init = cfg.get("MODEL", {}).get("ZERO_INIT_RESIDUAL")
+        record["zero_init_residual"] = zero_init if isinstance(zero_init, bool) else None
     except (yaml.YAMLError, AttributeError, TypeError, ValueError):
-        dim = 0
-    return {"history": checkpoint["history"], "dim": dim}
+        pass
+    return record
 
 
 

@@ -2,6 +2,7 @@
 and reach the converter's report, ``bench`` (before fine-tuning) and the pipeline's check."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch
 from conftest import cli_main
 from convert.command import check_pretraining_run
 from simsiam_transfer.checkpoints import conversion_warnings
-from convert.verify import LEARNED_LOSS, pretraining_check, residual_scale_stats
+from convert.verify import LEARNED_LOSS, decay_only_scale, pretraining_check, residual_scale_stats
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +77,36 @@ def test_verdict_thresholds_are_pure_functions():
     moved = residual_scale_stats({f"layer{s}.0.bn2.weight": torch.full((8,), 0.9) for s in range(1, 5)}, "basic")
     assert pretraining_check(moved, TRAINED, dim=512)["ok"]
     assert not pretraining_check(moved, [{"epoch": 1, "loss": -0.05, "z_std": 0.04}], dim=512)["ok"]
+
+
+def test_scales_moved_by_weight_decay_alone_are_caught(noop_checkpoint, tmp_path):
+    # The demo's recipe: 2 epochs of 125 steps, lr 0.0375 then its cosine value, wd 1e-4, momentum 0.9.
+    history = [{"epoch": 1, "loss": -0.45, "z_std": 0.037, "lr": 0.0375, "steps": 125},
+               {"epoch": 2, "loss": -0.81, "z_std": 0.029, "lr": 0.01875, "steps": 125}]
+    decay = decay_only_scale(history, 1e-4, 0.9)
+    assert decay == pytest.approx(math.exp(-1e-3 * (0.0375 + 0.01875) * 125)) and round(decay, 3) == 0.993
+
+    def backbone(noise):  # every residual branch's last BN at the decay-only value, plus noise
+        g = torch.Generator().manual_seed(1)
+        return {f"layer{s}.{b}.bn2.weight": decay + noise * torch.randn(64, generator=g)
+                for s in range(1, 5) for b in range(2)}
+    quiet = residual_scale_stats(backbone(0.001), "basic", decay)
+    check = pretraining_check(quiet, history, dim=512, decay_only=decay)
+    assert not check["ok"] and len(check["problems"]) == 1 and "weight decay alone" in check["problems"][0]
+    assert "0.9930" in check["problems"][0]
+    trained = residual_scale_stats(backbone(0.05), "basic", decay)  # gradient moved them apart
+    assert pretraining_check(trained, history, dim=512, decay_only=decay)["ok"]
+    assert pretraining_check(quiet, history, dim=512)["ok"]  # no prediction (zero-init or foreign): no verdict
+    # Through the checkpoint: the real run's config (ZERO_INIT_RESIDUAL False, wd, momentum) is read.
+    ckpt = torch.load(noop_checkpoint, map_location="cpu", weights_only=True)
+    for key in ckpt["state_dict"]:
+        if key.startswith("encoder.layer") and key.endswith(".bn2.weight"):
+            ckpt["state_dict"][key] = torch.full_like(ckpt["state_dict"][key], decay)
+    ckpt["history"] = history
+    torch.save(ckpt, tmp_path / "decay.pth")
+    check = check_pretraining_run(tmp_path / "decay.pth")
+    assert check["problems"] == [p for p in check["problems"] if "weight decay alone" in p] and len(check["problems"]) == 1
+    assert check["residual_bn_scale"]["res5"]["mean_abs_change_from_decay_only"] < 1e-6
 
 
 def test_bench_warns_before_fine_tuning(noop_checkpoint, synthetic, tmp_path, capsys):
