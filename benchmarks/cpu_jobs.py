@@ -21,6 +21,8 @@ from pathlib import Path
 import _common  # noqa: F401  (puts the repository on sys.path)
 from _common import REPO, emit, machine
 
+from detection.executors import cpu_thread_env
+
 
 UNLABELED = 512
 STEPS_PER_EPOCH = UNLABELED // 32  # the mini recipe's batch
@@ -40,9 +42,10 @@ def finetune_argv(data: Path, out: Path, iters: int):
             "SOLVER.CHECKPOINT_PERIOD", "100000", "OUTPUT_DIR", str(out)]
 
 
-def run_pair(argvs, threads: int, side_by_side: bool) -> float:
-    """Wall seconds for both jobs: started together, or each after the other."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+def run_pair(argvs, side_by_side: bool) -> float:
+    """Wall seconds for both jobs: started together, each with its share of the cores as the local
+    executor gives it (``cpu_thread_env``), or each after the other with all of them."""
+    env = {**os.environ, **cpu_thread_env(len(argvs) if side_by_side else 1)}
     cmd = [sys.executable, "-m", "simsiam_transfer.cli"]
     start = time.perf_counter()
     if side_by_side:
@@ -70,7 +73,6 @@ def main():
     args = parser.parse_args()
     from simsiam_transfer.synthetic import make_synthetic
 
-    cores = os.cpu_count() or 1
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -81,13 +83,14 @@ def main():
                      "finetune": lambda o: finetune_argv(data, o, args.finetune_iters)}[stage]
             walls = {"sequential": [], "side_by_side": []}
             for r in range(args.rounds):
-                modes = [("sequential", cores, False), ("side_by_side", max(1, cores // 2), True)]
-                for name, threads, together in (modes if r % 2 == 0 else modes[::-1]):
+                modes = [("sequential", False), ("side_by_side", True)]
+                for name, together in (modes if r % 2 == 0 else modes[::-1]):
                     argvs = [build(work / f"{stage}_{name}_{r}_{j}") for j in range(2)]
-                    walls[name].append(round(run_pair(argvs, threads, together), 2))
+                    walls[name].append(round(run_pair(argvs, together), 2))
             seq, par = sum(walls["sequential"]), sum(walls["side_by_side"])
             results[stage] = {"sequential_s": walls["sequential"], "side_by_side_s": walls["side_by_side"],
-                              "threads_each": {"sequential": cores, "side_by_side": max(1, cores // 2)},
+                              "threads_each": {"sequential": int(cpu_thread_env(1)["OMP_NUM_THREADS"]),
+                                               "side_by_side": int(cpu_thread_env(2)["OMP_NUM_THREADS"])},
                               "speedup": round(seq / par, 3)}
     emit({"benchmark": "cpu_jobs", "jobs": 2, "stages": results,
           "settings": {"pretrain_steps": args.pretrain_steps, "finetune_iters": args.finetune_iters,
