@@ -7,6 +7,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.simsiam-transfer-installed
 # Exactly these builds lie on the CI machines' disk; other versions are multi-GB downloads.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+# Upstream detectron2 imports pkg_resources (gone in setuptools 81). torch 2.14 requires setuptools
+# >= 77.0.3, so installing torch alone upgrades it past 81: the pin goes into every torch install.
+SETUPTOOLS_PIN := "setuptools>=77.0.3,<81"
 DEMO_DIR ?= runs/demo
 # pytest-xdist processes for `make test`; each test file stays on one worker (module fixtures run once).
 TEST_WORKERS ?= 2
@@ -17,10 +20,10 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml simsiam_transfer/install_detectron2.py simsiam_transfer/detectron2_C_shim.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q "pip>=21.3" "setuptools>=64,<81" wheel
-	$(BIN)/python -m pip install -q $(TORCH_PINS)
+	$(BIN)/python -m pip install -q "pip>=21.3" $(SETUPTOOLS_PIN) wheel
+	$(BIN)/python -m pip install -q $(TORCH_PINS) $(SETUPTOOLS_PIN)
 	$(BIN)/python -m simsiam_transfer.install_detectron2
-	$(BIN)/python -m pip install -q $(TORCH_PINS) -e ".[test]"
+	$(BIN)/python -m pip install -q $(TORCH_PINS) $(SETUPTOOLS_PIN) -e ".[test]"
 	$(BIN)/simsiam-transfer doctor
 	touch $(STAMP)
 

@@ -324,4 +324,7 @@ def write_outputs(directory):
     if t["non_finite"]:
         print(f"[bench] {len(t['non_finite'])} trial(s) with a non-finite {summary['selection']['metric']} "
               f"counted as failed: {', '.join(t['non_finite'])}")
+    warning = protocol.classifier_warning(summary)
+    if warning:
+        print(f"[bench] WARNING: {warning}")
     return summary

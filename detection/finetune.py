@@ -178,7 +178,7 @@ def _worker(job):
     trainer.resume_or_load(resume=True)
     trainer.train()
     if comm.is_main_process():
-        write_metrics(cfg, job, trainer.eval_results, time.time() - start)
+        write_metrics(cfg, job, trainer.eval_results, time.time() - start, trainer.storage)
     return trainer.eval_results
 
 
@@ -188,13 +188,24 @@ def argparse_namespace(job):
                               machine_rank=job.machine_rank, dist_url=job.dist_url, opts=job.overrides)
 
 
-def write_metrics(cfg, job, results, wall_time_s):
+def late_mean(storage, name, share=0.2):
+    """Mean of a logged training scalar over the last ``share`` of its values (None if never logged)."""
+    try:
+        values = [v for v, _ in storage.history(name).values()]
+    except (KeyError, AttributeError):
+        return None
+    tail = values[-max(1, int(len(values) * share)):]
+    return round(sum(tail) / len(tail), 4) if tail else None
+
+
+def write_metrics(cfg, job, results, wall_time_s, storage=None):
     flat = flatten_results(results)
     if not flat:
         raise RuntimeError("evaluation produced no metrics; is DATASETS.TEST set?")
     batch = batch_policy.plan_batch(cfg, job.world_size, job.scaling).as_dict()
     record = {
         **flat,
+        protocol.CLASSIFIER_METRIC: late_mean(storage, "fast_rcnn/fg_cls_accuracy"),
         "config_hash": config_hash(cfg),
         "seed": int(cfg.SEED),
         "weights": job.weights,

@@ -157,6 +157,33 @@ RULES = {
     "best-then-repeat-independent": "highest {m} of trial 0 at each LR, then n more trials at that LR; "
                                     "the mean leaves trial 0 out, so it is independent of the selection",
 }
+# detectron2's box predictor logs the share of foreground RoIs it gives their own class. A fine-tune
+# that ends with it near 0 still predicts the class prior: its AP scores proposals and boxes, not
+# classification, and cannot rank backbones by what they know of the classes (README, make demo).
+CLASSIFIER_METRIC = "train/fg_cls_accuracy"   # mean over the last 20 % of training iterations
+CLASSIFIER_MIN = 0.1
+
+
+def classifier_summary(records):
+    """``{"fg_cls_accuracy": mean_std, "learned": bool}`` of the counted trials; None when not logged."""
+    stat = mean_std([(r.get("metrics") or {}).get(CLASSIFIER_METRIC) for r in records])
+    if stat["mean"] is None:
+        return None
+    return {"fg_cls_accuracy": stat, "learned": stat["mean"] >= CLASSIFIER_MIN}
+
+
+def classifier_warning(summary):
+    """One line when the selected trials' box classifier never left the class prior, else None."""
+    check = summary.get("classifier")
+    if not check or check["learned"]:
+        return None
+    return (f"{summary['name']} on {summary['benchmark']}: the box classifier never left the class prior "
+            f"(foreground RoIs given their own class over the last 20 % of training: "
+            f"{100 * check['fg_cls_accuracy']['mean']:.0f} %, under {100 * CLASSIFIER_MIN:.0f} %); the AP "
+            "scores proposals and boxes, not classification: fine-tune longer (SOLVER.MAX_ITER) before "
+            "comparing pre-trainings")
+
+
 # Effective setup values each record and summary carry (see detection.batch_policy).
 SETUP_KEYS = ("scaling", "world_size", "ims_per_gpu", "effective_batch", "bn_mode", "bn_group", "lr_scale",
               "max_iter", "flags")
@@ -184,6 +211,7 @@ def build_summary(settings, records):
         "selected_effective_lr": None if selected is None else selected * (settings.get("lr_scale") or 1.0),
         "selection": {"search": search, "metric": metric, "rule": RULES[search].format(m=metric)},
         "metrics": {k: mean_std([r["metrics"].get(k) for r in at_selected]) for k in present},
+        "classifier": classifier_summary(at_selected),
         "reported_trials": sorted(r["trial"] for r in at_selected),
         "lr_search": [{"lr": lr, "selected": lr == selected, "selection_value": judged_by.get(lr), **stats}
                       for lr, stats in by_lr.items()],

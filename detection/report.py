@@ -15,8 +15,8 @@ import io
 import json
 from pathlib import Path
 
-from detection.protocol import (CELL_METRICS, DEFAULT_METRIC, REPORTED_METRICS, RULES, TASKS, build_summary,
-                                counts_as_done)
+from detection.protocol import (CELL_METRICS, CLASSIFIER_METRIC, CLASSIFIER_MIN, DEFAULT_METRIC, REPORTED_METRICS,
+                                RULES, TASKS, build_summary, classifier_warning, counts_as_done)
 from detection.runstore import RunStore
 from simsiam_transfer import atomic
 from simsiam_transfer.errors import UserError
@@ -95,7 +95,8 @@ def _cell(summary, task, latex=False):
     if all(s is None or s["mean"] is None for s in stats):
         return "–"
     n = max(s["n"] for s in stats if s)
-    return " / ".join(_fmt(s, latex) for s in stats) + f" (n={n})"
+    prior = " †" if classifier_warning(summary) else ""
+    return " / ".join(_fmt(s, latex) for s in stats) + f" (n={n}){prior}"
 
 
 def setup_text(summary):
@@ -138,6 +139,14 @@ def _notes(benches, reference):
              "Setup: world size × images per GPU, the BN group (images one BN normalises over) and the "
              "selected LR; ⚠ marks a batch, BN group or schedule that differs from the config's protocol."]
     notes += [f"Search {s}: {RULES[s].format(m=m)}." for s, m in searches.items()]
+    at_prior = [b["summary"] for b in benches if classifier_warning(b["summary"])]
+    if at_prior:
+        shares = ", ".join(f"{s['name']} on {s['benchmark']} {100 * s['classifier']['fg_cls_accuracy']['mean']:.0f} %"
+                           for s in at_prior)
+        notes.append(f"† The box classifier never left the class prior: at the end of training it gave under "
+                     f"{100 * CLASSIFIER_MIN:.0f} % of foreground RoIs their own class ({shares}). Such a cell "
+                     "scores proposals and boxes, not classification, and does not rank pre-trainings by what "
+                     "they learned of the classes: fine-tune longer (SOLVER.MAX_ITER).")
     non_finite = sum(len(b["summary"]["trials"]["non_finite"]) for b in benches)
     if non_finite:
         notes.append(f"{non_finite} trial(s) with a NaN/inf selection metric are counted as failed.")
@@ -262,6 +271,11 @@ def _csv(benches, per_trial, reference):
         for key, st in s["metrics"].items():
             writer.writerow({**common, "table": "main", "lr": s["selected_lr"], "selected": True, "metric": key,
                              "mean": st["mean"], "std": st["std"], "n": st["n"], "failed": s["trials"]["failed"]})
+        if s.get("classifier"):
+            st = s["classifier"]["fg_cls_accuracy"]
+            writer.writerow({**common, "table": "main", "lr": s["selected_lr"], "selected": True,
+                             "metric": CLASSIFIER_METRIC, "mean": st["mean"], "std": st["std"], "n": st["n"],
+                             "failed": s["trials"]["failed"]})
         for entry in s["lr_search"]:
             for key in sorted(k for k in entry if "/" in k):
                 st = entry[key]
@@ -295,7 +309,7 @@ def _csv(benches, per_trial, reference):
 
 def _esc(text):
     return (text.replace("_", r"\_").replace("±", r"$\pm$").replace("×", r"$\times$").replace("−", "$-$")
-            .replace("⚠", r"\textbf{!}").replace("≠", r"$\neq$").replace("%", r"\%").replace("&", r"\&"))
+            .replace("⚠", r"\textbf{!}").replace("†", r"\dag{}").replace("≠", r"$\neq$").replace("%", r"\%").replace("&", r"\&"))
 
 
 def _latex_tabular(header, rows, split_after=None):

@@ -7,6 +7,7 @@ the tag; nothing in it runs. detectron2's own ``merge_from_file`` defaults to un
 detection configs come through here too.
 """
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Tuple
 
@@ -53,34 +54,38 @@ def _yaml_error_line(path, exc) -> str:
     return f"{path}{where}: not valid YAML ({problem})"
 
 
+def _first_line(exc) -> str:
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    return str(text).splitlines()[0] if str(text) else type(exc).__name__
+
+
+@contextmanager
+def _one_line_errors(where, key_fix: str = "check the key's spelling", yaml_path=None):
+    """Turn what fvcore/yaml raise while reading or merging a config into one ``UserError`` line
+    that names ``where`` (a file, an override, a pipeline node) and, for a bad key, the fix."""
+    try:
+        yield
+    except yaml.YAMLError as exc:
+        raise UserError(_yaml_error_line(yaml_path or where, exc)) from None
+    except KeyError as exc:
+        raise UserError(f"{where}: {_first_line(exc)}; {key_fix}") from None
+    except (ValueError, AssertionError, TypeError) as exc:
+        raise UserError(f"{where}: {_first_line(exc)}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{where}: unreadable ({exc.__class__.__name__}: {exc})") from None
+
+
 def safe_yaml(path):
     """``yaml.safe_load`` of a data file (catalogs, saved configs) with the one-line error contract."""
-    try:
-        with open(path) as f:
-            return yaml.safe_load(f)
-    except yaml.YAMLError as exc:
-        raise UserError(_yaml_error_line(path, exc)) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: unreadable ({exc.__class__.__name__}: {exc})") from None
-
-
-def _key_error_text(exc) -> str:
-    return exc.args[0] if exc.args else str(exc)
+    with _one_line_errors(path), open(path) as f:
+        return yaml.safe_load(f)
 
 
 def merge_file(cfg: CfgNode, config_file) -> Path:
     """Merge one YAML (with its ``_BASE_`` chain) into ``cfg``, safely; returns the resolved path."""
     path = resolve_config(config_file)
-    try:
+    with _one_line_errors(path, "remove or rename that key"):
         cfg.merge_from_file(str(path), allow_unsafe=False)
-    except yaml.YAMLError as exc:
-        raise UserError(_yaml_error_line(path, exc)) from None
-    except KeyError as exc:
-        raise UserError(f"{path}: {_key_error_text(exc)}; remove or rename that key") from None
-    except (ValueError, AssertionError, TypeError) as exc:
-        raise UserError(f"{path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: unreadable ({exc.__class__.__name__}: {exc})") from None
     return path
 
 
@@ -90,23 +95,15 @@ def merge_overrides(cfg: CfgNode, overrides: Iterable = ()) -> CfgNode:
     if len(overrides) % 2:
         raise UserError(f"overrides must be KEY VALUE pairs, got an odd list: {' '.join(overrides)}")
     for key, value in zip(overrides[0::2], overrides[1::2]):
-        try:
+        with _one_line_errors(f"override {key} {value}"):
             cfg.merge_from_list([key, value])
-        except KeyError as exc:
-            raise UserError(f"override {key}: {_key_error_text(exc)}; check the key's spelling") from None
-        except (ValueError, AssertionError, TypeError) as exc:
-            raise UserError(f"override {key} {value}: {exc}") from None
     return cfg
 
 
 def merge_node(cfg: CfgNode, node, where: str) -> CfgNode:
     """Merge a nested node (e.g. a pipeline's ``PRETRAIN.CFG``) into ``cfg``, naming ``where`` on error."""
-    try:
+    with _one_line_errors(where):
         cfg.merge_from_other_cfg(CfgNode(node) if not isinstance(node, CfgNode) else node)
-    except KeyError as exc:
-        raise UserError(f"{where}: {_key_error_text(exc)}; check the key's spelling") from None
-    except (ValueError, AssertionError, TypeError) as exc:
-        raise UserError(f"{where}: {exc}") from None
     return cfg
 
 

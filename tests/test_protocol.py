@@ -164,6 +164,50 @@ def test_independent_search_leaves_the_selecting_trial_out():
     assert "includes trial 0" in dependent["selection"]["rule"] and "leaves trial 0 out" in independent["selection"]["rule"]
 
 
+def test_a_box_classifier_still_at_the_class_prior_is_flagged_in_bench_and_report():
+    from detectron2.utils.events import EventStorage
+
+    from detection.finetune import late_mean
+    from detection.report import render
+
+    with EventStorage(0) as storage:  # detectron2's own store of training scalars
+        for it, value in enumerate([0.5] * 8 + [0.0, 0.0]):
+            storage.iter = it
+            storage.put_scalar("fast_rcnn/fg_cls_accuracy", value, smoothing_hint=False)
+    assert late_mean(storage, "fast_rcnn/fg_cls_accuracy") == 0.0  # the last 20 %: what training ended on
+    assert late_mean(storage, "fast_rcnn/fg_cls_accuracy", share=0.5) == pytest.approx(0.3)
+    assert late_mean(storage, "never/logged") is None and late_mean(None, "x") is None
+
+    def with_fg(records, values):
+        for r, v in zip(records, values):
+            r["metrics"][protocol.CLASSIFIER_METRIC] = v
+        return records
+
+    stuck = protocol.build_summary(_settings(), with_fg([_rec(0.02, 0, 1.0), _rec(0.05, 0, 2.0), _rec(0.05, 1, 1.5)],
+                                                        [0.9, 0.0, 0.06]))
+    assert stuck["classifier"]["fg_cls_accuracy"]["n"] == 2  # the selected LR's trials only
+    assert stuck["classifier"]["fg_cls_accuracy"]["mean"] == pytest.approx(0.03) and not stuck["classifier"]["learned"]
+    line = protocol.classifier_warning(stuck)
+    assert "R18 on voc07_mini" in line and "3 %" in line and "SOLVER.MAX_ITER" in line
+    learned = protocol.build_summary(_settings(), with_fg([_rec(0.02, 0, 1.0), _rec(0.05, 0, 2.0)], [0.1, 0.4]))
+    assert learned["classifier"]["learned"] and protocol.classifier_warning(learned) is None
+    unlogged = protocol.build_summary(_settings(), [_rec(0.05, 0, 2.0)])  # runs recorded before the check
+    assert unlogged["classifier"] is None and protocol.classifier_warning(unlogged) is None
+
+    settings = _settings()
+    records = with_fg([_rec(0.05, 0, 2.0), _rec(0.05, 1, 1.5)], [0.0, 0.06])
+    bench = {"dir": "x", "settings": settings, "records": records, "summary": protocol.build_summary(settings, records)}
+    table = render([bench], "md")
+    assert "(n=2) †" in table and "† The box classifier never left the class prior" in table and "R18 on voc07_mini 3 %" in table
+    assert r"\dag{}" in render([bench], "latex")
+    csv_rows = [r for r in render([bench], "csv").splitlines() if protocol.CLASSIFIER_METRIC in r]
+    assert len(csv_rows) == 1 and ",0.03," in csv_rows[0]
+    settings_ok = dict(settings, name="ok")
+    ok_records = with_fg([_rec(0.05, 0, 2.0)], [0.5])
+    ok = {"dir": "y", "settings": settings_ok, "records": ok_records, "summary": protocol.build_summary(settings_ok, ok_records)}
+    assert "†" not in render([ok], "md")
+
+
 # -- resume guard --------------------------------------------------------------------------------
 def test_a_folder_checkpointed_under_another_schedule_is_refused(tmp_path):
     from detection.finetune import SCHEDULE, check_resume, schedule_record
