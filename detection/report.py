@@ -309,7 +309,8 @@ def _csv(benches, per_trial, reference):
 
 def _esc(text):
     return (text.replace("_", r"\_").replace("±", r"$\pm$").replace("×", r"$\times$").replace("−", "$-$")
-            .replace("⚠", r"\textbf{!}").replace("†", r"\dag{}").replace("≠", r"$\neq$").replace("%", r"\%").replace("&", r"\&"))
+            .replace("⚠", r"\textbf{!}").replace("†", r"\dag{}").replace("≠", r"$\neq$").replace("%", r"\%")
+            .replace("&", r"\&"))
 
 
 def _latex_tabular(header, rows, split_after=None):

@@ -60,13 +60,13 @@ def _first_line(exc) -> str:
 
 
 @contextmanager
-def _one_line_errors(where, key_fix: str = "check the key's spelling", yaml_path=None):
+def _one_line_errors(where, key_fix: str = "check the key's spelling"):
     """Turn what fvcore/yaml raise while reading or merging a config into one ``UserError`` line
     that names ``where`` (a file, an override, a pipeline node) and, for a bad key, the fix."""
     try:
         yield
     except yaml.YAMLError as exc:
-        raise UserError(_yaml_error_line(yaml_path or where, exc)) from None
+        raise UserError(_yaml_error_line(where, exc)) from None
     except KeyError as exc:
         raise UserError(f"{where}: {_first_line(exc)}; {key_fix}") from None
     except (ValueError, AssertionError, TypeError) as exc:
