@@ -191,11 +191,10 @@ def argparse_namespace(job):
 def late_mean(storage, name, share=0.2):
     """Mean of a logged training scalar over the last ``share`` of its values (None if never logged)."""
     try:
-        values = [v for v, _ in storage.history(name).values()]
+        history = storage.history(name)  # fvcore's HistoryBuffer; it exists once a value was logged
     except (KeyError, AttributeError):
         return None
-    tail = values[-max(1, int(len(values) * share)):]
-    return round(sum(tail) / len(tail), 4) if tail else None
+    return round(history.avg(max(1, int(len(history.values()) * share))), 4)
 
 
 def write_metrics(cfg, job, results, wall_time_s, storage=None):
