@@ -7,7 +7,6 @@ command skips finished trials, reruns unfinished ones (they resume from their ch
 retries failed ones up to ``--max-retries``.
 """
 
-import fcntl
 import hashlib
 import json
 import os
@@ -28,6 +27,7 @@ from detection.spec import SweepSpec, Trial, sweep_spec_from_args
 from simsiam_transfer import atomic
 from simsiam_transfer.checkpoints import conversion_warnings
 from simsiam_transfer.errors import UserError
+from simsiam_transfer.locks import folder_lock
 
 SETTINGS = "bench.json"
 # Settings that change what a trial computes: a DIR holds one value of each (the effective
@@ -200,6 +200,9 @@ class Bench:
                 if not protocol.counts_as_done(record, self.spec.metric):
                     shown += f"; {self.spec.metric} is not finite: counted as failed"
                 self._say(f"[bench] {trial.id}: done  {shown}")
+            elif result.stopped:
+                record.update(status="stopped", error=result.error)
+                self._say(f"[bench] {trial.id}: stopped; run the same command again to resume it")
             else:
                 record.update(status="failed", error=result.error)
                 self._say(f"[bench] {trial.id}: FAILED {result.error}")
@@ -246,16 +249,8 @@ class Bench:
         settings = self._prepare()
         self._check_settings(settings)  # before the folder exists: a refused sweep writes nothing
         self.settings = settings
-        self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.out / ".lock", "w") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise UserError(f"{self.out}: another bench is running in this folder") from None
-            try:
-                return self._run_locked()
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with folder_lock(self.out, "bench"):
+            return self._run_locked()
 
     def _run_locked(self):
         self._check_settings(self.settings)  # again under the lock: a concurrent first run may have written
@@ -279,9 +274,19 @@ class Bench:
         try:
             self._execute(protocol.search_plan(lrs, self.spec.trials, self.spec.search), executor)
             self._run_selected(lrs, executor)
+        except KeyboardInterrupt:  # SIGINT/SIGTERM: the executor has stopped its trials
+            self._mark_stopped()
+            raise
         finally:
             self._bar.close()
         return write_outputs(self.out)
+
+    def _mark_stopped(self):
+        """Trials the stop cut short are recorded as stopped (a rerun resumes them), not failed."""
+        with self._lock:
+            for record in self.store.records().values():
+                if record["status"] == "running" and self.spec.executor.kind != "slurm":
+                    self.store.put({**record, "status": "stopped", "error": "stopped with the driver"})
 
     def _run_selected(self, lrs, executor):
         search, metric = self.spec.search, self.spec.metric

@@ -20,6 +20,7 @@ import torch
 from submitit.helpers import Checkpointable
 
 from detection.spec import SLURM_CPUS_PER_GPU, SLURM_MEM_PER_GPU_GB, SLURM_TIME_MIN
+from simsiam_transfer.stopping import Children, install_handlers, signal_number
 
 
 @dataclasses.dataclass
@@ -28,6 +29,7 @@ class TrialResult:
     metrics: dict = None
     error: str = None
     job_id: str = None
+    stopped: bool = False  # ended because the driver was stopped: not a failure, rerun resumes it
 
 
 def read_trial_metrics(trial):
@@ -41,18 +43,30 @@ def _last_error_line(text):
     return (errors or lines or ["no output"])[-1][:500]
 
 
-def run_trial_process(trial, env=None):
-    """Run one trial as ``python -m simsiam_transfer.cli finetune ...``; logs go to the trial folder."""
+def run_trial_process(trial, env=None, children=None):
+    """Run one trial as ``python -m simsiam_transfer.cli finetune ...``; logs go to the trial folder.
+    The child runs in its own process group, stops with this process, and is stopped (group and all)
+    when this call is interrupted."""
+    children = children or Children()
     Path(trial.output_dir).mkdir(parents=True, exist_ok=True)
     log_path = Path(trial.output_dir) / "finetune.log"
     with open(log_path, "a") as log:
-        proc = subprocess.run([sys.executable, "-m", "simsiam_transfer.cli", *trial.argv()],
-                              stdout=log, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
-        log.write(proc.stderr)
+        proc = children.popen([sys.executable, "-m", "simsiam_transfer.cli", *trial.argv()], env=env,
+                              stdout=log, stderr=subprocess.PIPE, text=True)
+        try:
+            _, stderr = proc.communicate()
+        except BaseException as exc:
+            children.stop(signal_number(exc))
+            raise
+        finally:
+            children.forget(proc)
+        log.write(stderr)
+    if children.stopping:
+        return TrialResult(False, error="stopped with the driver", stopped=True)
     metrics = read_trial_metrics(trial)
     if proc.returncode == 0 and metrics is not None:
         return TrialResult(True, metrics)
-    return TrialResult(False, error=f"exit {proc.returncode}: {_last_error_line(proc.stderr)}")
+    return TrialResult(False, error=f"exit {proc.returncode}: {_last_error_line(stderr)}")
 
 
 def device_slots(parent_mask, device_count, gpus_per_trial):
@@ -95,6 +109,7 @@ class LocalExecutor:
             parent_mask = os.environ.get("CUDA_VISIBLE_DEVICES")
         self.slots = local_slots(parent_mask, device_count, gpus_per_trial, cpu_jobs)
         self.cpu_env = cpu_thread_env(cpu_jobs) if not gpus_per_trial and cpu_jobs > 1 else None
+        self.children = Children()
 
     def _env(self, gpus):
         return dict(self.cpu_env) if self.cpu_env is not None else {"CUDA_VISIBLE_DEVICES": ",".join(gpus)}
@@ -103,21 +118,29 @@ class LocalExecutor:
         if len(self.slots) == 1:
             for trial in trials:
                 on_start(trial, None)
-                on_finish(trial, run_trial_process(trial))
+                on_finish(trial, run_trial_process(trial, children=self.children))
             return
         free = list(self.slots)
 
         def one(trial):
+            if self.children.stopping:
+                return
             gpus = free.pop()
             try:
                 on_start(trial, None)
-                result = run_trial_process(trial, self._env(gpus))
+                result = run_trial_process(trial, self._env(gpus), self.children)
             finally:
                 free.append(gpus)
             on_finish(trial, result)
 
-        with ThreadPoolExecutor(len(self.slots)) as pool:
+        pool = ThreadPoolExecutor(len(self.slots))
+        try:
             list(pool.map(one, trials))
+        except BaseException as exc:  # stopped (SIGINT/SIGTERM): end the running trials before returning
+            self.children.stop(signal_number(exc))
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 class TrialJob(Checkpointable):
@@ -125,6 +148,7 @@ class TrialJob(Checkpointable):
     same call, which resumes from the trial folder's last checkpoint."""
 
     def __call__(self, trial):
+        install_handlers()  # submitit (and Slurm on scancel) sends SIGTERM: stop the trial with it
         result = run_trial_process(trial)
         return dataclasses.asdict(result)
 
@@ -150,6 +174,7 @@ class SubmititExecutor:
                  cpus_per_gpu=SLURM_CPUS_PER_GPU, mem_per_gpu_gb=SLURM_MEM_PER_GPU_GB, poll_s=1.0,
                  max_parallel=None):
         self.executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+        self.cluster = cluster
         params = slurm_parameters(gpus_per_trial, partition, timeout_min, cpus_per_gpu, mem_per_gpu_gb)
         if cluster != "slurm":  # submitit's local executor takes neither a partition nor memory
             params = {k: v for k, v in params.items() if k in ("timeout_min", "tasks_per_node", "nodes",
@@ -160,7 +185,19 @@ class SubmititExecutor:
         self.max_parallel = max_parallel or (None if cluster == "slurm" else 1)
 
     def run(self, trials, on_start, on_finish):
-        waiting, pending = list(trials), []
+        pending = []
+        try:
+            self._run(list(trials), pending, on_start, on_finish)
+        except BaseException:
+            if self.cluster != "slurm":  # local jobs are this machine's processes: stop them
+                for _, job in pending:
+                    job.cancel(check=False)
+                deadline = time.monotonic() + 60
+                while any(not job.done() for _, job in pending) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+            raise
+
+    def _run(self, waiting, pending, on_start, on_finish):
         while waiting or pending:
             while waiting and (self.max_parallel is None or len(pending) < self.max_parallel):
                 trial = waiting.pop(0)

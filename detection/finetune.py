@@ -8,6 +8,7 @@ continues), train, evaluate, and the main process writes ``OUTPUT_DIR/metrics.js
 """
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -32,6 +33,8 @@ from simsiam_transfer import atomic
 from simsiam_transfer.c4 import check_weights_cover_model, single_process_norm
 from simsiam_transfer.config import merge_file, merge_overrides, resolve_config
 from simsiam_transfer.errors import TrainingDiverged, UserError
+from simsiam_transfer.locks import folder_lock
+from simsiam_transfer.stopping import GRACE_S
 from simsiam_transfer.versions import library_versions
 
 logger = logging.getLogger("simsiam_transfer.finetune")
@@ -226,7 +229,15 @@ def run_finetune(job):
     job, cfg, batch = preflight(job)
     atomic.check_output_dir(cfg.OUTPUT_DIR, "OUTPUT_DIR")
     check_resume(cfg.OUTPUT_DIR, batch)
-    Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
+    # One writer per folder; a trial orphaned by a killed driver is stopping itself: wait for it.
+    # Machine rank 0 holds it for the job (the other machines share the folder on a cluster file system).
+    lock = (folder_lock(cfg.OUTPUT_DIR, "fine-tune", wait_s=GRACE_S + 15) if job.machine_rank == 0
+            else contextlib.nullcontext())
+    with lock:
+        return _run_locked(job, cfg, batch)
+
+
+def _run_locked(job, cfg, batch):
     if job.machine_rank == 0 and not (Path(cfg.OUTPUT_DIR) / SCHEDULE).is_file():
         atomic.write_json(Path(cfg.OUTPUT_DIR) / SCHEDULE, schedule_record(batch))
     try:

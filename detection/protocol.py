@@ -217,6 +217,6 @@ def build_summary(settings, records):
                       for lr, stats in by_lr.items()],
         "trials": {"done": sum(counts_as_done(r, metric) for r in records),
                    "failed": sum(r["status"] == "failed" for r in records) + len(non_finite),
-                   "unfinished": sum(r["status"] in ("queued", "running") for r in records),
+                   "unfinished": sum(r["status"] in ("queued", "running", "stopped") for r in records),
                    "non_finite": non_finite},
     }

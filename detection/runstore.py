@@ -4,7 +4,8 @@ Every state change of a trial appends its full record; a trial's current record 
 line. Only the bench driver writes it (trials write their own ``metrics.json``), so appends
 never interleave, and a line cut short by a crash is skipped on reading.
 
-Record fields: ``id``, ``lr``, ``trial``, ``seed``, ``status`` (queued / running / done / failed),
+Record fields: ``id``, ``lr``, ``trial``, ``seed``, ``status`` (queued / running / stopped / done / failed; stopped: cut short by a stop
+signal to the driver, resumed by a rerun),
 ``attempt``, ``metrics`` (flat, from the trial's metrics.json), ``wall_time_s``, ``config_hash``,
 ``weights``, ``weights_sha256``, ``norm``, ``versions``, ``error``, ``output_dir``, ``job_id``, ``time``
 (unix seconds of the event), and the effective setup ``protocol.SETUP_KEYS`` (``scaling``,

@@ -34,6 +34,7 @@ from pretrain.model import build_model
 from pretrain.schedule import initial_lr
 from pretrain.targets import MovingAverageTargets, alternation
 from simsiam_transfer.errors import UserError
+from simsiam_transfer.stopping import deferred_stop
 
 
 def seed_everything(seed: int) -> None:
@@ -291,7 +292,8 @@ class Pretrainer:
                 start = time.perf_counter()
                 self.train_one_epoch()
                 self.record["time_s"] = round(time.perf_counter() - start, 3)
-                self._call("after_epoch")
+                with deferred_stop():  # the epoch's monitors, checkpoint and records land together
+                    self._call("after_epoch")
         finally:
             self._call("after_train")
             cleanup(self.dist)

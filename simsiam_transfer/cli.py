@@ -6,11 +6,13 @@ traceback, no partial output), 1 anything else.
 
 import argparse
 import logging
+import signal
 import sys
 import warnings
 
 from simsiam_transfer.checkpoints import SOURCES
 from simsiam_transfer.errors import TrainingDiverged, UserError
+from simsiam_transfer.stopping import install_handlers, signal_number, watch_parent
 
 
 
@@ -123,7 +125,8 @@ def build_parser():
     data = sub.add_parser("data", help="generated datasets and dataset validation")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     p = data_sub.add_parser("make-synthetic", help="write deterministic VOC/COCO/unlabeled/labeled datasets (skimage textures)")
-    p.add_argument("--out", required=True, help="output folder (replaced as a whole)")
+    p.add_argument("--out", required=True, help="output folder: new, empty, or generated earlier (then replaced as a "
+                   "whole); any other folder is refused and left untouched")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-train", type=int, default=300, help="VOC trainval / COCO train images")
     p.add_argument("--num-test", type=int, default=200, help="VOC test / COCO val images")
@@ -265,6 +268,8 @@ def main(argv=None):
     # torch logs "No CUDA runtime is found" whenever detectron2 imports cpp_extension on a CPU machine.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
+    install_handlers()
+    watch_parent()
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
@@ -273,9 +278,11 @@ def main(argv=None):
     except TrainingDiverged as exc:
         print(f"error: training diverged: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM from a scheduler or kill (``Stopped``)
+        signum = signal_number(exc)
+        print(f"interrupted by {signal.Signals(signum).name}: finished work is kept; run the same command "
+              "again to resume", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ stage; ``pipeline.json`` records each stage's status. Layout::
 """
 
 import dataclasses
-import os
 import re
 import subprocess
 import sys
@@ -46,6 +45,7 @@ from simsiam_transfer import atomic
 from simsiam_transfer.checkpoints import conversion_report_path
 from simsiam_transfer.config import CfgNode as CN, flatten, load, merge_node
 from simsiam_transfer.errors import UserError
+from simsiam_transfer.stopping import Children, signal_number
 from simsiam_transfer.synthetic import make_synthetic
 
 _P = CN()
@@ -234,23 +234,28 @@ class Pipeline:
             return "done earlier"
         nproc = pretrain_processes(self.cfg.PRETRAIN.NPROC_PER_NODE)
         side_by_side = len(todo) > 1
-        running = []
-        for row, cfg, last, config_path in todo:
-            log_path = None
-            if side_by_side:
-                log_path = self.row_dir(row) / "pretrain.log"
-                print(f"[pipeline] pretraining {row.id} beside {len(todo) - 1} other row(s); log: {log_path}",
-                      flush=True)
-                with open(log_path, "a") as log:  # the child keeps its own handle
-                    proc = subprocess.Popen(pretrain_command(config_path, nproc), stdout=log,
-                                            stderr=subprocess.STDOUT,
-                                            env={**os.environ, **cpu_thread_env(len(todo))})
-            else:
-                proc = subprocess.Popen(pretrain_command(config_path, nproc))
-            running.append((row, cfg, last, log_path, proc))
+        running, children = [], Children()
+        try:
+            for row, cfg, last, config_path in todo:
+                log_path = None
+                if side_by_side:
+                    log_path = self.row_dir(row) / "pretrain.log"
+                    print(f"[pipeline] pretraining {row.id} beside {len(todo) - 1} other row(s); log: {log_path}",
+                          flush=True)
+                    with open(log_path, "a") as log:  # the child keeps its own handle
+                        proc = children.popen(pretrain_command(config_path, nproc), stdout=log,
+                                              stderr=subprocess.STDOUT, env=cpu_thread_env(len(todo)))
+                else:
+                    proc = children.popen(pretrain_command(config_path, nproc))
+                running.append((row, cfg, last, log_path, proc))
+            for *_, proc in running:
+                proc.wait()
+        except BaseException as exc:  # stopped: the pretrainings stop too, and keep their checkpoints
+            children.stop(signal_number(exc))
+            raise
         notes = []
         for row, cfg, last, log_path, proc in running:
-            if proc.wait():
+            if proc.returncode:
                 where = f"its log: {log_path}" if log_path else "its error is above"
                 raise UserError(f"pretraining of row {row.id} stopped with exit {proc.returncode} ({where}); "
                                 f"fix it and run the pipeline again, it resumes from {cfg.OUTPUT_DIR}")
@@ -372,6 +377,11 @@ class Pipeline:
         atomic.write_text(self.out / "pipeline_config.yaml", self.cfg.dump())
         for name, stage in self.stages():
             self._mark(name, "running")
-            self._mark(name, stage())
+            try:
+                status = stage()
+            except KeyboardInterrupt:
+                self._mark(name, "stopped")
+                raise
+            self._mark(name, status)
         return self.state
 

@@ -21,14 +21,15 @@ import math
 import multiprocessing
 import os
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
 from xml.etree import ElementTree as ET
 
 import numpy as np
 from PIL import Image, ImageDraw
 from skimage import data
 
-from simsiam_transfer.atomic import atomic_dir
+from simsiam_transfer.atomic import atomic_dir, check_output_dir
+from simsiam_transfer.errors import UserError
 
 CLASSES = ("disk", "square", "triangle")
 VOC_NAME = "synthetic_voc"
@@ -312,12 +313,62 @@ def write_catalog(root):
     (Path(root) / "datasets.yaml").write_text(text)
 
 
+# Written last into every generated folder: the generator replaces a folder only when this mark is
+# there and every file in it is one the mark lists, so a folder of the user's is never deleted.
+MANIFEST = ".simsiam-transfer-generated.json"
+GENERATOR = "simsiam-transfer data make-synthetic"
+IMAGE_SIZES = (16, 2048)
+
+
+def _generated_files(folder: Path) -> List[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir())
+
+
+def _refuse_unless_generated(out: Path) -> None:
+    """Refuse, before any work, an ``out`` that is not a new, empty or earlier generated folder."""
+    if out.is_symlink():
+        raise UserError(f"--out {out}: is a symbolic link; give the folder itself ({out.resolve()})")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is an existing file; give a folder path")
+    check_output_dir(out, "--out")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    mark = out / MANIFEST
+    try:
+        manifest = json.loads(mark.read_text())
+        listed = set(manifest["files"]) if manifest.get("generator") == GENERATOR else None
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = None
+    if listed is None:
+        raise UserError(f"--out {out}: holds files that data make-synthetic did not write (no {MANIFEST}); "
+                        "nothing was changed: give a new or empty folder")
+    foreign = [f for f in _generated_files(out) if f not in listed and f != MANIFEST]
+    if foreign:
+        raise UserError(f"--out {out}: {foreign[0]} ({len(foreign)} file(s) in all) was not written by data "
+                        "make-synthetic; nothing was changed: move such files away or give a new folder")
+
+
+def _check_sizes(image_size, counts: Dict[str, int]) -> None:
+    lo, hi = IMAGE_SIZES
+    if not isinstance(image_size, int) or not lo <= image_size <= hi:
+        raise UserError(f"--image-size {image_size}: use an integer from {lo} to {hi} (pixels per side)")
+    for flag, value in counts.items():
+        if not isinstance(value, int) or value < 1:
+            raise UserError(f"{flag} {value}: use an integer >= 1")
+
+
 def make_synthetic(out, seed=0, num_train=300, num_test=200, num_unlabeled=4000, image_size=128,
                    max_objects=4, labeled_per_class=(100, 60), workers=None):
-    """Write every generated dataset under ``out`` (replaced atomically as a whole).
+    """Write every generated dataset under ``out`` (replaced atomically as a whole, and only when ``out``
+    is new, empty or generated earlier: see ``MANIFEST``).
 
     ``workers`` processes draw the images (default: up to 2, the CPU count); the bytes do not depend on it.
     """
+    out = Path(out)
+    _check_sizes(image_size, {"--num-train": num_train, "--num-test": num_test, "--num-unlabeled": num_unlabeled,
+                              "labeled images per class (train)": labeled_per_class[0],
+                              "labeled images per class (val)": labeled_per_class[1]})
+    _refuse_unless_generated(out)
     workers = min(2, os.cpu_count() or 1) if workers is None else workers
     with atomic_dir(out) as tmp:
         write_voc(tmp, seed, num_train, num_test, image_size, max_objects, workers)
@@ -325,4 +376,8 @@ def make_synthetic(out, seed=0, num_train=300, num_test=200, num_unlabeled=4000,
         write_unlabeled(tmp, seed, num_unlabeled, image_size, max_objects, workers)
         write_labeled(tmp, seed, labeled_per_class[0], labeled_per_class[1], image_size, workers)
         write_catalog(tmp)
-    return Path(out)
+        manifest = {"generator": GENERATOR, "seed": seed, "image_size": image_size, "num_train": num_train,
+                    "num_test": num_test, "num_unlabeled": num_unlabeled,
+                    "labeled_per_class": list(labeled_per_class), "files": _generated_files(tmp)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return out

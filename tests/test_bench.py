@@ -244,4 +244,4 @@ def test_two_benches_cannot_share_a_folder(local_sweep, synthetic, r18_pkl, caps
     with open(out / ".lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert cli_main(*_bench_args(synthetic, r18_pkl, out)) == 2
-        assert "another bench is running" in capsys.readouterr().err
+        assert "another bench is writing into this folder" in capsys.readouterr().err

@@ -4,8 +4,10 @@ import hashlib
 import json
 
 import numpy as np
+import pytest
 
 from conftest import cli_main
+from simsiam_transfer.errors import UserError
 from simsiam_transfer.synthetic import CLASS_TEXTURES, CLASSES, make_synthetic, texture_sources
 
 
@@ -50,3 +52,47 @@ def test_layouts_pass_data_check(synthetic):
     labeled = sorted(p.parent.name for p in (synthetic / "labeled/train").rglob("*.jpg"))
     assert labeled == sorted(list(CLASSES) * 12)
     assert len(list((synthetic / "unlabeled").glob("*.jpg"))) == 96
+
+
+def _tree(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_folder_of_the_users_is_never_replaced(tmp_path, capsys):
+    """Only a folder the generator marked as its own is replaced; anything else is refused untouched."""
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "thesis.tex").write_text("years of work")
+    (mine / "sub" / "data.csv").write_text("1,2,3")
+    before = _tree(mine)
+    assert cli_main("data", "make-synthetic", "--out", mine, "--num-unlabeled", 4) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "did not write" in err[0] and str(mine) in err[0]
+    assert _tree(mine) == before and sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temp left
+
+    generated = _small(tmp_path / "gen", workers=1)
+    assert _small(generated, workers=1) == generated  # a generated folder is replaced as a whole
+    (generated / "VOCdevkit" / "notes.txt").write_text("my notes")  # the user added a file into it
+    with pytest.raises(UserError, match=r"VOCdevkit/notes\.txt \(1 file\(s\) in all\) was not written"):
+        _small(generated, workers=1)
+    assert (generated / "VOCdevkit" / "notes.txt").read_text() == "my notes"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image-size", "0"], "--image-size 0: use an integer from 16 to 2048"),
+    (["--image-size", "100000"], "--image-size 100000: use an integer from 16 to 2048"),
+    (["--num-train", "-3"], "--num-train -3: use an integer >= 1"),
+])
+def test_impossible_sizes_are_one_line(tmp_path, capsys, args, message):
+    assert cli_main("data", "make-synthetic", "--out", tmp_path / "out", *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {message}") and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_naming_a_file_is_one_line(tmp_path, capsys):
+    target = tmp_path / "a_file"
+    target.write_text("keep me")
+    assert cli_main("data", "make-synthetic", "--out", target) == 2
+    assert capsys.readouterr().err.strip() == f"error: --out {target}: is an existing file; give a folder path"
+    assert target.read_text() == "keep me"
