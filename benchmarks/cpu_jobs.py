@@ -46,7 +46,7 @@ def run_pair(argvs, side_by_side: bool) -> float:
     """Wall seconds for both jobs: started together, each with its share of the cores as the local
     executor gives it (``cpu_thread_env``), or each after the other with all of them."""
     env = {**os.environ, **cpu_thread_env(len(argvs) if side_by_side else 1)}
-    cmd = [sys.executable, "-m", "simsiam_transfer.cli"]
+    cmd = [sys.executable, "-m", "app.cli"]
     start = time.perf_counter()
     if side_by_side:
         procs = [subprocess.Popen(cmd + a, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -45,10 +45,10 @@ def build_trainers(weights: str, datasets: str, work: Path, iters: int):
     trainers, preflight_s = {}, None
     for side, cls in (("ours", Trainer), ("plain", PlainTrainer)):
         job = FinetuneJob(config_file=CONFIG, weights=weights, datasets=datasets,
-                          overrides=["SOLVER.MAX_ITER", str(iters), "OUTPUT_DIR", str(work / side)])
+                          cfg={"SOLVER": {"MAX_ITER": iters}, "OUTPUT_DIR": str(work / side)})
         if side == "ours":
             start = time.perf_counter()
-            job, _, _ = preflight(job)
+            preflight(job)
             preflight_s = time.perf_counter() - start
         register_datasets(None, datasets)
         cfg = build_cfg(job)

@@ -22,7 +22,7 @@ import yaml
 
 
 def cli(*args):
-    return [sys.executable, "-m", "simsiam_transfer.cli", *map(str, args)]
+    return [sys.executable, "-m", "app.cli", *map(str, args)]
 
 
 def run(name, cmd, log_dir, measure=None, **extra):

@@ -4,12 +4,13 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from convert.d2_format import detectron2_payload, write_detectron2_pkl
 from convert.rename import rename_state_dict
 from convert.verify import (decay_only_scale, near_identity_warnings, pretraining_check, residual_scale_stats,
                             verify_detectron2_payload)
 from simsiam_transfer import atomic
-from simsiam_transfer.checkpoints import conversion_report_path, extract_backbone
+from simsiam_transfer.checkpoints import extract_backbone
+from simsiam_transfer.d2_weights import (conversion_report_path, detectron2_payload, write_conversion_report,
+                                         write_detectron2_pkl)
 from simsiam_transfer.errors import UserError
 
 
@@ -22,7 +23,7 @@ def convert_checkpoint(input_path, output_path, fmt="detectron2", source="auto",
     # Leftovers of a convert killed mid-write to the same OUTPUT (this command owns those names).
     atomic.remove_stale_tmp(Path(output_path).parent, [Path(output_path).name, conversion_report_path(output_path).name])
     backbone, info = extract_backbone(input_path, source)
-    stats, check = _diagnose(backbone, info["block"], info.pop("training"))
+    stats, check = _diagnose(backbone, info.pop("training"))
     report = {
         "input": str(input_path), "output": str(output_path), "format": fmt, **info,
         "tensors": len(backbone), "residual_bn_scale": stats, "pretraining_check": check,
@@ -40,7 +41,7 @@ def convert_checkpoint(input_path, output_path, fmt="detectron2", source="auto",
     else:
         report["verification"] = "torchvision format: checked against torchvision ResNet shapes"
         atomic.torch_save(backbone, output_path)
-    atomic.write_json(conversion_report_path(output_path), report)
+    write_conversion_report(output_path, report)
     return report
 
 
@@ -64,13 +65,21 @@ def print_summary(report, out=None, err=None):
     print(f"wrote:      {report['output']} (+ {conversion_report_path(report['output']).name})", file=out)
 
 
+def is_converted(input_path, output_path) -> bool:
+    """Whether ``output_path`` (and its report) were converted from ``input_path`` as it is now: both
+    written, and not older than the input (a resumed pretraining rewrites its checkpoint)."""
+    output, report = Path(output_path), conversion_report_path(output_path)
+    return (output.is_file() and report.is_file()
+            and output.stat().st_mtime >= Path(input_path).stat().st_mtime)
+
+
 def convert_command(args):
     report = convert_checkpoint(args.input, args.output, args.format, args.source, not args.no_verify)
     print_summary(report)
     return 0
 
 
-def _diagnose(backbone, block, training):
+def _diagnose(backbone, training):
     """(residual-BN statistics, the no-op/collapse verdict) of an extracted backbone and its
     checkpoint's training record (None for checkpoints of other projects)."""
     training = training or {}
@@ -78,7 +87,7 @@ def _diagnose(backbone, block, training):
     if training.get("zero_init_residual") is False:  # the scales started at 1.0
         decay_only = decay_only_scale(training.get("history"), training.get("weight_decay", 0.0),
                                       training.get("momentum", 0.0))
-    stats = residual_scale_stats(backbone, block, decay_only)
+    stats = residual_scale_stats(backbone, decay_only)
     return stats, pretraining_check(stats, training.get("history"), training.get("dim", 0), decay_only)
 
 
@@ -86,7 +95,7 @@ def check_pretraining_run(checkpoint_path) -> dict:
     """The same verdict straight from a pretraining checkpoint (the pipeline, right after pretraining):
     ``pretraining_check``'s dict plus the residual-BN statistics."""
     backbone, info = extract_backbone(checkpoint_path)
-    stats, check = _diagnose(backbone, info["block"], info["training"])
+    stats, check = _diagnose(backbone, info["training"])
     check["problems"] += near_identity_warnings(stats)
     check["ok"] = not check["problems"]
     return {**check, "residual_bn_scale": stats}

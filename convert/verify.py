@@ -25,7 +25,7 @@ from detectron2.modeling import build_model
 from simsiam_transfer.c4 import c4_config, coverage_problems
 from simsiam_transfer.checkpoints import torchvision_resnet
 from simsiam_transfer.errors import UserError
-from simsiam_transfer.resnet import IMAGENET_MEAN, IMAGENET_STD
+from simsiam_transfer.resnet import IMAGENET_MEAN, IMAGENET_STD, residual_branch_gammas
 
 TOLERANCE = 1e-4
 NEAR_IDENTITY_SCALE = 0.02
@@ -92,15 +92,12 @@ def verify_detectron2_payload(payload, backbone, depth, stride_in_1x1=False, ima
     return report
 
 
-def residual_scale_stats(backbone, block, decay_only: Optional[float] = None):
+def residual_scale_stats(backbone, decay_only: Optional[float] = None):
     """Per stage, |gamma| of each residual branch's last BN (mean, min, max), and the mean distance
     of the scales from 1.0 (their init without zero-init residuals) and from ``decay_only`` (where
     weight decay alone would have put them, ``decay_only_scale``) when given."""
-    last_bn = "bn3" if block == "bottleneck" else "bn2"
     stats = {}
-    for stage in range(1, 5):
-        gammas = [backbone[k] for k in sorted(backbone)
-                  if k.startswith(f"layer{stage}.") and k.endswith(f".{last_bn}.weight")]
+    for stage, gammas in enumerate(residual_branch_gammas(backbone), start=1):
         scales = [g.abs().mean().item() for g in gammas]
         stats[f"res{stage + 1}"] = {
             "mean": float(np.mean(scales)), "min": float(np.min(scales)), "max": float(np.max(scales)),

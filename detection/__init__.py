@@ -1,10 +1,5 @@
-"""detectron2 integration: the C4 ExtraNorm head, datasets, fine-tuning and the benchmark runner.
+"""detectron2 integration: datasets, data checks, fine-tuning, the benchmark runner and its reports.
 
-Importing this package registers ``Res5ROIHeadsExtraNorm`` in detectron2's ROI-head registry
-whenever detectron2 is importable, so configs that name it always build.
+The C4 ExtraNorm head is registered by ``simsiam_transfer.c4``, which the modules that build models
+import; the schema, specs and protocol import no detectron2, so the command line stays quick.
 """
-
-import importlib.util
-
-if importlib.util.find_spec("detectron2") is not None:
-    from simsiam_transfer import c4  # noqa: F401  (registers Res5ROIHeadsExtraNorm)

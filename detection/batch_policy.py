@@ -17,9 +17,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import torch
-from detectron2.engine import DefaultTrainer
-
 from simsiam_transfer.errors import UserError
 
 # Training memory per image of R50-C4 at 800x1333 input: detectron2's model zoo lists
@@ -29,6 +26,12 @@ GB_PER_IMAGE_R50_C4 = 2.4
 REFERENCE_PIXELS = 800 * 1333
 SAFETY = 0.9
 SYNCED_NORMS = ("SyncBN", "naiveSyncBN")
+# The plan's field lists, declared once: the effective setup every trial record, bench folder, summary
+# and report carries, and what a fine-tune folder must keep to be resumed or evaluated.
+SETUP_FIELDS = ("scaling", "world_size", "ims_per_gpu", "effective_batch", "bn_mode", "bn_group", "lr_scale",
+                "max_iter", "flags")
+RESUME_FIELDS = ("scaling", "world_size", "ims_per_gpu", "effective_batch", "bn_mode", "base_lr", "max_iter",
+                 "steps", "warmup_iters")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +68,16 @@ class BatchPlan:
         return {**dataclasses.asdict(self), "steps": list(self.steps), "flags": self.flags,
                 "setup": f"{self.world_size}x{self.ims_per_gpu}"}
 
+    def setup(self) -> dict[str, Any]:
+        """The ``SETUP_FIELDS`` of this plan."""
+        full = self.as_dict()
+        return {k: full[k] for k in SETUP_FIELDS}
+
+    def resume_record(self) -> dict[str, Any]:
+        """The ``RESUME_FIELDS`` of this plan (``schedule.json`` of a fine-tune folder)."""
+        full = self.as_dict()
+        return {k: full[k] for k in RESUME_FIELDS}
+
 
 def estimate_gb_per_gpu(ims_per_gpu: int, max_short_side: int, max_long_side: int) -> float:
     area = max_short_side * max_long_side / REFERENCE_PIXELS
@@ -85,6 +98,8 @@ def plan_batch(cfg: Any, world_size: int, scaling: str) -> BatchPlan:
     ``cfg.SOLVER.REFERENCE_WORLD_SIZE`` is 0 under ``faithful`` (build_cfg sets it), so detectron2's
     ``auto_scale_workers`` leaves the config as it is; under ``linear`` it applies its rule.
     """
+    from detectron2.engine import DefaultTrainer  # here: the field lists above are read by light modules
+
     batch = int(cfg.SOLVER.IMS_PER_BATCH)
     if scaling == "linear" and not cfg.SOLVER.REFERENCE_WORLD_SIZE:
         raise UserError("--scaling linear needs SOLVER.REFERENCE_WORLD_SIZE (the world size IMS_PER_BATCH "
@@ -121,6 +136,8 @@ def check_fits(plan: BatchPlan, gpu_gb: float | None) -> None:
 
 
 def visible_gpu_gb() -> float | None:
+    import torch
+
     if not torch.cuda.is_available():
         return None
     return torch.cuda.get_device_properties(0).total_memory / 2**30

@@ -1,10 +1,10 @@
-"""``simsiam-transfer bench``: fine-tuning LR search x trials for one converted checkpoint.
+"""Fine-tuning LR search x trials for one converted checkpoint (``simsiam-transfer bench``).
 
 ``DIR/bench.json`` holds the sweep's settings, ``DIR/runs.jsonl`` the run store (see
-``detection.runstore``), ``DIR/trials/<id>/`` each trial's detectron2 output, and after the
-sweep ``DIR/summary.json``, ``DIR/table.md`` and ``DIR/ap_vs_lr.png``. Rerunning the same
-command skips finished trials, reruns unfinished ones (they resume from their checkpoints) and
-retries failed ones up to ``--max-retries``.
+``detection.runstore``), ``DIR/trials/<id>/`` each trial's ``job.yaml`` (the resolved detectron2
+config, built once per trial) and detectron2 output, and after the sweep ``DIR/summary.json``,
+``DIR/table.md`` and ``DIR/ap_vs_lr.png``. Rerunning the same sweep skips finished trials, reruns
+unfinished ones (they resume from their checkpoints) and retries failed ones up to ``MAX_RETRIES``.
 """
 
 import hashlib
@@ -20,12 +20,16 @@ from tqdm import tqdm
 
 from detection import protocol
 from detection.executors import LocalExecutor, SubmititExecutor, local_slots
-from detection.finetune import evaluator_types, plan, preflight
+from detection.batch_policy import SETUP_FIELDS, plan_batch
+from detection.finetune import evaluator_types, plan, preflight, with_values
+from detection.job import NAME as JOB_NAME
+from detection.job import write_job
 from detection.report import load_bench, plot_ap_vs_lr, render
 from detection.runstore import RunStore
-from detection.spec import SweepSpec, Trial, sweep_spec_from_args
+from detection.spec import SweepSpec, Trial
 from simsiam_transfer import atomic
-from simsiam_transfer.checkpoints import conversion_warnings
+from simsiam_transfer.d2_weights import conversion_warnings
+from simsiam_transfer.config import flatten
 from simsiam_transfer.errors import UserError
 from simsiam_transfer.locks import folder_lock
 
@@ -33,10 +37,9 @@ SETTINGS = "bench.json"
 # Settings that change what a trial computes: a DIR holds one value of each (the effective
 # batch setup included, so trials made with another batch, LR scale or BN group never mix).
 FIXED_SETTINGS = ("benchmark", "config", "weights_sha256", "overrides", "metric", "datasets", "data_root",
-                  "scaling", "world_size", "ims_per_gpu", "effective_batch", "bn_mode", "bn_group", "lr_scale",
-                  "max_iter")
+                  *(k for k in SETUP_FIELDS if k != "flags"))
 PROTOCOL_WORLD_SIZE = 8  # MoCo's detection runs: 8 GPUs x 2 images; a Slurm trial's default
-__all__ = ["Bench", "SweepSpec", "sweep_spec_from_args", "write_outputs"]
+__all__ = ["Bench", "SweepSpec", "run_bench", "write_outputs"]
 
 
 def file_sha256(path):
@@ -70,11 +73,12 @@ def column_label(cfg, batch, evaluators):
 class Bench:
     """Runs one ``SweepSpec``: checks everything, then trials through an executor into ``output_dir``."""
 
-    def __init__(self, spec: SweepSpec):
-        spec.validate()
+    def __init__(self, spec: SweepSpec, echo_conversion_warnings: bool = True):
         self.spec = spec
         self.out = Path(spec.output_dir)
-        self.label, self.config = spec.resolved_benchmark()
+        self.label, self.config = spec.benchmark, spec.finetune.config_path
+        # The pipeline already printed the converter's verdict once; bench alone prints it here.
+        self.echo_conversion_warnings = echo_conversion_warnings
         self.store = RunStore(self.out)
         self._lock = threading.Lock()
 
@@ -89,7 +93,8 @@ class Bench:
     # -- plan & pre-flight ------------------------------------------------------------------------
     def _check_metric(self, cfg):
         kinds = evaluator_types(cfg)
-        protocol.check_metric(self.spec.metric, protocol.allowed_metrics(kinds, cfg.MODEL.MASK_ON), self.label)
+        protocol.check_metric(self.spec.metric, protocol.allowed_metrics(kinds, cfg.MODEL.MASK_ON), self.label,
+                              self.spec.label("SWEEP.METRIC"))
         return kinds
 
     def plan(self, assume_gpus=None):
@@ -107,8 +112,8 @@ class Bench:
         slots = local_slots(os.environ.get("CUDA_VISIBLE_DEVICES") if assume_gpus is None else None,
                             visible, gpus, self.spec.executor.cpu_jobs) if self.spec.executor.kind == "local" else None
         return {
-            "name": self.spec.name, "benchmark": self.label, "config": self.config, "weights": self.spec.weights,
-            "output_dir": str(self.out), "executor": self.spec.executor.kind, "visible_gpus": visible,
+            "name": self.spec.name, "benchmark": self.label, "config": self.config,
+            "weights": self.spec.finetune.weights, "output_dir": str(self.out), "executor": self.spec.executor.kind, "visible_gpus": visible,
             "gpus_per_trial": gpus, "cpu_jobs": self.spec.executor.cpu_jobs,
             "parallel_trials": len(slots) if slots else None,
             "search": self.spec.search, "metric": self.spec.metric,
@@ -121,33 +126,38 @@ class Bench:
         }
 
     def _prepare(self):
-        """Every check (arguments, config, data, weights, metric, memory) and the settings; writes nothing."""
-
-
+        """Every check (config, data, weights, metric, memory) and the settings; writes nothing. The
+        trials' common detectron2 config is built here, once."""
         visible = torch.cuda.device_count()
         gpus = self.gpus_per_trial(visible)
         if self.spec.executor.kind != "slurm" and gpus > visible:
-            raise UserError(f"--gpus-per-trial {gpus}: this machine shows {visible} GPU(s); use at most {visible}, "
-                            "or --executor slurm")
+            raise UserError(f"{self.spec.label('SWEEP.GPUS_PER_TRIAL')} {gpus}: this machine shows {visible} GPU(s); "
+                            f"use at most {visible}, or the slurm executor")
         self.job = self.spec.job(gpus)
-        first = self.job.with_overrides("SOLVER.BASE_LR", repr(self.spec.lrs[0])) if self.spec.lrs else self.job
         remote = self.spec.executor.kind == "slurm" and gpus > 0  # trials run on GPU nodes, not here
-        _, cfg, batch = preflight(first, cuda=True if remote else None)
-        evaluators = self._check_metric(cfg)
-        self.batch = batch
-        weights = self.spec.weights
+        self.cfg, batch = preflight(self.job, cuda=True if remote else None)
+        evaluators = self._check_metric(self.cfg)
+        lrs = list(self.spec.lrs or [float(self.cfg.SOLVER.BASE_LR)])
+        if self.spec.lrs:
+            batch = self._plan(lrs[0])
+        weights = self.spec.finetune.weights
         setup = batch.as_dict()
         return {
             "name": self.spec.name, "benchmark": self.label, "config": self.config, "weights": weights,
             "weights_sha256": "none" if weights == "none" else file_sha256(weights),
-            "lrs": list(self.spec.lrs or [float(cfg.SOLVER.BASE_LR)]), "trials": self.spec.trials,
-            "search": self.spec.search, "metric": self.spec.metric, "overrides": list(self.spec.overrides),
-            "datasets": self.spec.datasets, "data_root": self.spec.data_root,
+            "lrs": lrs, "trials": self.spec.trials, "search": self.spec.search, "metric": self.spec.metric,
+            "overrides": flatten(self.spec.finetune.cfg) + list(self.spec.finetune.overrides),
+            "datasets": self.spec.finetune.datasets, "data_root": self.spec.finetune.data_root,
             "executor": self.spec.executor.kind, "gpus_per_trial": gpus,
-            "column": column_label(cfg, batch, evaluators),
-            **{k: setup[k] for k in protocol.SETUP_KEYS}, "steps": setup["steps"],
-            "warmup_iters": setup["warmup_iters"],
+            "column": column_label(self.cfg, batch, evaluators),
+            **batch.setup(), "steps": setup["steps"], "warmup_iters": setup["warmup_iters"],
         }
+
+    def _trial_cfg(self, trial):
+        return with_values(self.cfg, {"SOLVER.BASE_LR": trial.lr, "SEED": trial.seed, "OUTPUT_DIR": trial.output_dir})
+
+    def _plan(self, lr):
+        return plan_batch(with_values(self.cfg, {"SOLVER.BASE_LR": lr}), self.job.world_size, self.job.scaling)
 
     def _check_settings(self, settings):
         path = self.out / SETTINGS
@@ -165,16 +175,21 @@ class Bench:
 
     # -- trials -----------------------------------------------------------------------------------
     def _trial(self, lr, trial):
-        return Trial(job=self.job, lr=lr, trial=trial, seed=protocol.trial_seed(trial),
+        return Trial(lr=lr, trial=trial, seed=protocol.trial_seed(trial),
                      output_dir=str(self.out / "trials" / protocol.trial_id(lr, trial)))
+
+    def _write_job(self, trial):
+        """The trial's ``job.yaml``: its detectron2 config, built once, with its LR, seed and folder."""
+        cfg = self._trial_cfg(trial)
+        return write_job(trial.output_dir, self.job, cfg, plan_batch(cfg, self.job.world_size, self.job.scaling))
 
     def _base_record(self, trial, **fields):
         previous = self.store.records().get(trial.id, {})
         return {"id": trial.id, "lr": trial.lr, "trial": trial.trial, "seed": trial.seed,
                 "output_dir": trial.output_dir, "weights": self.settings["weights"],
                 "weights_sha256": self.settings["weights_sha256"], "attempt": previous.get("attempt", 0),
-                "metrics": {}, "error": None, "job_id": None,
-                **{k: self.settings[k] for k in protocol.SETUP_KEYS}, **fields}
+                "job": str(Path(trial.output_dir) / JOB_NAME), "metrics": {}, "error": None, "job_id": None,
+                **{k: self.settings[k] for k in SETUP_FIELDS}, **fields}
 
     def _on_start(self, trial, job_id):
         with self._lock:
@@ -192,7 +207,7 @@ class Bench:
                               wall_time_s=m.get("wall_time_s"), cpu_threads=m.get("cpu_threads"),
                               config_hash=m.get("config_hash"),
                               norm=m.get("norm"), versions=m.get("versions"),
-                              **{k: m[k] for k in protocol.SETUP_KEYS if k in m})
+                              **{k: m[k] for k in SETUP_FIELDS if k in m})
                 if not self.spec.keep_checkpoints:
                     _drop_intermediate_checkpoints(trial.output_dir)
                 shown = ", ".join(f"{k} {v:.2f}" for k, v in record["metrics"].items()
@@ -220,9 +235,7 @@ class Bench:
         for lr, t in plan:
             trial = self._trial(lr, t)
             rec = records.get(trial.id)
-            if rec and rec["status"] == "done":
-                continue
-            if rec and rec["status"] == "failed" and rec["attempt"] > self.spec.max_retries:
+            if not needs_run(rec, self.spec.max_retries):
                 continue
             if rec is None:
                 self.store.put(self._base_record(trial, status="queued"))
@@ -234,6 +247,8 @@ class Bench:
             todo = self._todo(plan)
             if not todo:
                 return
+            for trial in todo:
+                self._write_job(trial)
             executor.run(todo, self._on_start, self._on_finish)
 
     def _executor(self):
@@ -241,8 +256,7 @@ class Bench:
         if ex.kind == "local":
             return LocalExecutor(gpus, cpu_jobs=ex.cpu_jobs)
         return SubmititExecutor(self.out / "submitit", cluster="slurm" if ex.kind == "slurm" else "local",
-                                gpus_per_trial=gpus, partition=ex.slurm_partition, timeout_min=ex.slurm_time_min,
-                                cpus_per_gpu=ex.slurm_cpus_per_gpu, mem_per_gpu_gb=ex.slurm_mem_per_gpu_gb)
+                                gpus_per_trial=gpus, options=ex)
 
     # -- run --------------------------------------------------------------------------------------
     def run(self):
@@ -263,7 +277,7 @@ class Bench:
               f"{s['bn_group']} images, {s['max_iter']} iterations ({s['scaling']})", flush=True)
         if s["flags"]:
             print(f"[bench] WARNING: not the protocol's setup: {'; '.join(s['flags'])}", flush=True)
-        if self.settings["weights"] != "none":
+        if self.settings["weights"] != "none" and self.echo_conversion_warnings:
             for warning in conversion_warnings(self.settings["weights"]):
                 print(f"[bench] WARNING: {warning}", file=sys.stderr, flush=True)
         executor = self._executor()
@@ -297,14 +311,46 @@ class Bench:
             self._execute(protocol.repeat_plan(selected, self.spec.trials, search), executor)
 
 
-def bench_command(args):
-    """``simsiam-transfer bench``: argv -> SweepSpec -> plan (--dry-run) or run."""
-    bench = Bench(sweep_spec_from_args(args))
-    if args.dry_run:
-        print(json.dumps(bench.plan(args.assume_gpus), indent=2))
+def run_bench(spec: SweepSpec, dry_run: bool = False, assume_gpus=None) -> int:
+    """``simsiam-transfer bench``: plan (dry run) or run one sweep; exit 1 when every trial failed."""
+    bench = Bench(spec)
+    if dry_run:
+        print(json.dumps(bench.plan(assume_gpus), indent=2))
         return 0
     summary = bench.run()
     return 0 if summary["selected_lr"] is not None else 1
+
+
+def needs_run(record, max_retries) -> bool:
+    """A trial runs (again) unless it is done or has failed more often than retries allow."""
+    if record is None:
+        return True
+    return not (record["status"] == "done" or (record["status"] == "failed" and record["attempt"] > max_retries))
+
+
+def finished_summary(spec: SweepSpec):
+    """The sweep's ``summary.json`` when the folder holds this sweep finished (every planned trial done or
+    out of retries), else None: what a driver asks before running a sweep again."""
+    out = Path(spec.output_dir)
+    try:
+        settings = json.loads((out / SETTINGS).read_text())
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if (settings.get("trials"), settings.get("search"), settings.get("metric")) != (spec.trials, spec.search,
+                                                                                  spec.metric):
+        return None
+    if spec.lrs is not None and settings.get("lrs") != list(spec.lrs):
+        return None
+    records = RunStore(out).records()
+    lrs = settings["lrs"]
+    planned = protocol.search_plan(lrs, spec.trials, spec.search)
+    selected = protocol.select_lr(list(records.values()), spec.metric, lrs, spec.search)
+    if selected is not None:
+        planned += protocol.repeat_plan(selected, spec.trials, spec.search)
+    if any(needs_run(records.get(protocol.trial_id(lr, t)), spec.max_retries) for lr, t in planned):
+        return None
+    return summary
 
 
 def _drop_intermediate_checkpoints(folder):

@@ -2,8 +2,9 @@
 parallel within the parent's ``CUDA_VISIBLE_DEVICES``) or submitit jobs (Slurm, or submitit's
 local executor, which runs the same job code without a cluster).
 
-A trial is one ``simsiam-transfer finetune`` into its own folder. A trial that is interrupted
-and started again resumes from the last detectron2 checkpoint in that folder.
+A trial is one ``python -m detection.worker <trial>/job.yaml`` (the job file bench wrote) into its own
+folder. A trial that is interrupted and started again resumes from the last detectron2 checkpoint in
+that folder.
 """
 
 import dataclasses
@@ -19,7 +20,8 @@ import submitit
 import torch
 from submitit.helpers import Checkpointable
 
-from detection.spec import SLURM_CPUS_PER_GPU, SLURM_MEM_PER_GPU_GB, SLURM_TIME_MIN
+from detection.job import NAME as JOB_NAME
+from detection.spec import ExecutorOptions
 from simsiam_transfer.stopping import Children, install_handlers, signal_number
 
 
@@ -43,16 +45,18 @@ def _last_error_line(text):
     return (errors or lines or ["no output"])[-1][:500]
 
 
+def worker_command(trial):
+    return [sys.executable, "-m", "detection.worker", str(Path(trial.output_dir) / JOB_NAME)]
+
+
 def run_trial_process(trial, env=None, children=None):
-    """Run one trial as ``python -m simsiam_transfer.cli finetune ...``; logs go to the trial folder.
-    The child runs in its own process group, stops with this process, and is stopped (group and all)
-    when this call is interrupted."""
+    """Run one trial's job file in a worker process; logs go to the trial folder. The child runs in its
+    own process group, stops with this process, and is stopped (group and all) when this call is
+    interrupted."""
     children = children or Children()
-    Path(trial.output_dir).mkdir(parents=True, exist_ok=True)
     log_path = Path(trial.output_dir) / "finetune.log"
     with open(log_path, "a") as log:
-        proc = children.popen([sys.executable, "-m", "simsiam_transfer.cli", *trial.argv()], env=env,
-                              stdout=log, stderr=subprocess.PIPE, text=True)
+        proc = children.popen(worker_command(trial), env=env, stdout=log, stderr=subprocess.PIPE, text=True)
         try:
             _, stderr = proc.communicate()
         except BaseException as exc:
@@ -153,29 +157,27 @@ class TrialJob(Checkpointable):
         return dataclasses.asdict(result)
 
 
-def slurm_parameters(gpus_per_trial, partition=None, timeout_min=SLURM_TIME_MIN,
-                     cpus_per_gpu=SLURM_CPUS_PER_GPU, mem_per_gpu_gb=SLURM_MEM_PER_GPU_GB):
+def slurm_parameters(gpus_per_trial, options: ExecutorOptions = ExecutorOptions()):
     """submitit parameters of one trial job: one task that launches a process per GPU, with CPUs and
     memory per GPU (a partition's default of ~1 CPU would starve detectron2's loaders)."""
     gpus = max(gpus_per_trial, 1)
-    params = {"timeout_min": timeout_min, "tasks_per_node": 1, "nodes": 1,
-              "cpus_per_task": cpus_per_gpu * gpus, "mem_gb": mem_per_gpu_gb * gpus}
+    params = {"timeout_min": options.slurm_time_min, "tasks_per_node": 1, "nodes": 1,
+              "cpus_per_task": options.slurm_cpus_per_gpu * gpus, "mem_gb": options.slurm_mem_per_gpu_gb * gpus}
     if gpus_per_trial:
         params["gpus_per_node"] = gpus_per_trial
-    if partition:
-        params["slurm_partition"] = partition
+    if options.slurm_partition:
+        params["slurm_partition"] = options.slurm_partition
     return params
 
 
 class SubmititExecutor:
     """One submitit job per trial: ``cluster="slurm"`` on a cluster, ``"local"`` for tests/demos."""
 
-    def __init__(self, folder, cluster="slurm", gpus_per_trial=0, partition=None, timeout_min=SLURM_TIME_MIN,
-                 cpus_per_gpu=SLURM_CPUS_PER_GPU, mem_per_gpu_gb=SLURM_MEM_PER_GPU_GB, poll_s=1.0,
-                 max_parallel=None):
+    def __init__(self, folder, cluster="slurm", gpus_per_trial=0, options: ExecutorOptions = ExecutorOptions(),
+                 poll_s=1.0, max_parallel=None):
         self.executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
         self.cluster = cluster
-        params = slurm_parameters(gpus_per_trial, partition, timeout_min, cpus_per_gpu, mem_per_gpu_gb)
+        params = slurm_parameters(gpus_per_trial, options)
         if cluster != "slurm":  # submitit's local executor takes neither a partition nor memory
             params = {k: v for k, v in params.items() if k in ("timeout_min", "tasks_per_node", "nodes",
                                                                 "gpus_per_node")}

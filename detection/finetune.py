@@ -1,10 +1,12 @@
-"""``simsiam-transfer finetune``: one detectron2 fine-tune + evaluation, with pre-flight checks.
+"""One detectron2 fine-tune + evaluation, with pre-flight checks.
 
-Everything that can be wrong with the inputs is checked in the launching process, before
-any worker starts: config keys, dataset names and files, the weights file (it must cover
-the whole backbone and res5), norm and world-size settings. Workers then build detectron2's
-own trainer, resume from ``OUTPUT_DIR`` when a checkpoint is there (an interrupted run
-continues), train, evaluate, and the main process writes ``OUTPUT_DIR/metrics.json``.
+Everything that can be wrong with the inputs is checked before any worker starts: config keys,
+dataset names and files, the weights file (it must cover the whole backbone and res5), norm and
+world-size settings. The resolved config is written once as ``OUTPUT_DIR/job.yaml``
+(``detection.job``); ``run_job`` then takes the folder's lock, launches detectron2's own trainer
+(resuming from a checkpoint in ``OUTPUT_DIR`` when there is one), trains, evaluates, and writes
+``OUTPUT_DIR/metrics.json``. ``bench`` writes one job per trial and runs it through
+``detection.worker``.
 """
 
 import argparse
@@ -27,11 +29,12 @@ from detectron2.utils import comm
 
 from detection import batch_policy, protocol
 from detection.datasets import check_dataset_names, register_datasets
-from detection.spec import FinetuneJob, finetune_job_from_args
+from detection.job import Job, write_job
+from detection.spec import FinetuneJob
 from detection.trainer import Trainer
 from simsiam_transfer import atomic
 from simsiam_transfer.c4 import check_weights_cover_model, single_process_norm
-from simsiam_transfer.config import merge_file, merge_overrides, resolve_config
+from simsiam_transfer.config import merge_file, merge_node, merge_overrides, resolve_config
 from simsiam_transfer.errors import TrainingDiverged, UserError
 from simsiam_transfer.locks import folder_lock
 from simsiam_transfer.stopping import GRACE_S
@@ -41,9 +44,7 @@ logger = logging.getLogger("simsiam_transfer.finetune")
 # OUTPUT_DIR/schedule.json: the effective setup a fine-tune folder was started with; a resume
 # under another one is refused (it would evaluate a model trained to another schedule).
 SCHEDULE = "schedule.json"
-RESUME_KEYS = ("scaling", "world_size", "ims_per_gpu", "effective_batch", "bn_mode", "base_lr", "max_iter",
-               "steps", "warmup_iters")
-__all__ = ["FinetuneJob", "build_cfg", "preflight", "run_finetune", "finetune_command"]
+__all__ = ["FinetuneJob", "build_cfg", "preflight", "run_finetune", "run_job", "finetune"]
 
 
 def config_hash(cfg):
@@ -60,7 +61,9 @@ def build_cfg(job, cuda=None):
     ``cuda``: plan as if GPUs are (True) or are not (False) there; default: whether they are.
     """
     cfg = get_cfg()
-    merge_file(cfg, job.config_file)
+    merge_file(cfg, job.config_path)
+    if job.cfg:
+        merge_node(cfg, job.cfg, "FINETUNE.CFG")
     merge_overrides(cfg, job.overrides)
     cfg.MODEL.WEIGHTS = "" if job.weights == "none" else str(job.weights)
     if job.scaling == "faithful":
@@ -98,7 +101,7 @@ def evaluator_types(cfg):
 
 
 def preflight(job, cuda=None):
-    """Validate inputs, fix the seed, and return (job with an explicit SEED, its cfg, its batch plan).
+    """Validate inputs, fix the seed, and return (its cfg with an explicit SEED, its batch plan).
 
     ``cuda=True`` plans for GPU machines elsewhere (a Slurm submit host): the memory check is then
     left to the machine that runs the trial."""
@@ -114,28 +117,32 @@ def preflight(job, cuda=None):
     if job.weights != "none":
         check_weights_cover_model(job.weights, cfg)
     if cfg.SEED < 0:
-        seed = random.SystemRandom().randrange(2**31)
-        job = job.with_overrides("SEED", seed)
-        cfg = cfg.clone()
-        cfg.defrost()
-        cfg.SEED = seed
-        cfg.freeze()
+        cfg = with_values(cfg, {"SEED": random.SystemRandom().randrange(2**31)})
     batch = batch_policy.plan_batch(cfg, job.world_size, job.scaling)
     if cuda is None:
         batch_policy.check_fits(batch, batch_policy.visible_gpu_gb())
-    return job, cfg, batch
+    return cfg, batch
 
 
-def schedule_record(batch):
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(batch).items()
-            if k in RESUME_KEYS}
+def with_values(cfg, values):
+    """A frozen copy of ``cfg`` with ``{"SOLVER.BASE_LR": 0.02, ...}`` set as they are (typed, no strings)."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    for key, value in values.items():
+        *parents, last = key.split(".")
+        node = cfg
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    cfg.freeze()
+    return cfg
 
 
 def check_resume(output_dir, batch):
     """Refuse to resume (or re-evaluate) a folder whose checkpoints were made under another setup."""
     folder = Path(output_dir)
     saved_path = folder / SCHEDULE
-    now = schedule_record(batch)
+    now = batch.resume_record()
     if saved_path.is_file():
         changes = batch_policy.resume_changes(json.loads(saved_path.read_text()), now)
         if changes:
@@ -170,25 +177,23 @@ def flatten_results(results):
     return flat
 
 
-def _worker(job):
-
-
+def _worker(job, cfg, batch):
     register_datasets(job.data_root, job.datasets)
-    cfg = build_cfg(job)
     default_setup(cfg, argparse_namespace(job))
     start = time.time()
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=True)
     trainer.train()
     if comm.is_main_process():
-        write_metrics(cfg, job, trainer.eval_results, time.time() - start, trainer.storage)
+        write_metrics(cfg, job, batch, trainer.eval_results, time.time() - start, trainer.storage)
     return trainer.eval_results
 
 
 def argparse_namespace(job):
-    return argparse.Namespace(config_file=str(resolve_config(job.config_file)), eval_only=False,
+    """What detectron2's ``default_setup`` reads from its command line (it logs it and the config file)."""
+    return argparse.Namespace(config_file=str(resolve_config(job.config_path)), eval_only=False,
                               num_gpus=job.num_gpus, num_machines=job.num_machines,
-                              machine_rank=job.machine_rank, dist_url=job.dist_url, opts=job.overrides)
+                              machine_rank=job.machine_rank, dist_url=job.dist_url, opts=[])
 
 
 def late_mean(storage, name, share=0.2):
@@ -200,11 +205,10 @@ def late_mean(storage, name, share=0.2):
     return round(history.avg(max(1, int(len(history.values()) * share))), 4)
 
 
-def write_metrics(cfg, job, results, wall_time_s, storage=None):
+def write_metrics(cfg, job, batch, results, wall_time_s, storage=None):
     flat = flatten_results(results)
     if not flat:
         raise RuntimeError("evaluation produced no metrics; is DATASETS.TEST set?")
-    batch = batch_policy.plan_batch(cfg, job.world_size, job.scaling).as_dict()
     record = {
         **flat,
         protocol.CLASSIFIER_METRIC: late_mean(storage, "fast_rcnn/fg_cls_accuracy"),
@@ -212,9 +216,9 @@ def write_metrics(cfg, job, results, wall_time_s, storage=None):
         "seed": int(cfg.SEED),
         "weights": job.weights,
         "norm": cfg.MODEL.RESNETS.NORM,
-        **{k: batch[k] for k in protocol.SETUP_KEYS},
-        "ims_per_batch": batch["effective_batch"],
-        "base_lr": batch["base_lr"],
+        **batch.setup(),
+        "ims_per_batch": batch.effective_batch,
+        "base_lr": batch.base_lr,
         "wall_time_s": round(wall_time_s, 1),
         "cpu_threads": torch.get_num_threads(),  # a wall time means little without it
         "versions": library_versions(),
@@ -224,25 +228,32 @@ def write_metrics(cfg, job, results, wall_time_s, storage=None):
 
 
 def run_finetune(job):
-    """Pre-flight, then detectron2's ``launch``; returns the metrics record (None on machine rank > 0,
-    whose processes train but leave evaluation results to machine rank 0)."""
-    job, cfg, batch = preflight(job)
+    """Pre-flight, ``job.yaml`` into OUTPUT_DIR, then ``run_job``; returns the metrics record (None on
+    machine rank > 0, whose processes train but leave evaluation to machine rank 0)."""
+    cfg, batch = preflight(job)
     atomic.check_output_dir(cfg.OUTPUT_DIR, "OUTPUT_DIR")
+    return run_job(Job(job=job, cfg=cfg, plan=batch.as_dict(), path=write_job(cfg.OUTPUT_DIR, job, cfg, batch)))
+
+
+def run_job(job: Job):
+    """Run one written job in its folder: the folder's lock, the resume guard, detectron2's ``launch``."""
+    cfg = job.cfg
+    batch = batch_policy.plan_batch(cfg, job.job.world_size, job.job.scaling)
     check_resume(cfg.OUTPUT_DIR, batch)
     # One writer per folder; a trial orphaned by a killed driver is stopping itself: wait for it.
     # Machine rank 0 holds it for the job (the other machines share the folder on a cluster file system).
-    lock = (folder_lock(cfg.OUTPUT_DIR, "fine-tune", wait_s=GRACE_S + 15) if job.machine_rank == 0
+    lock = (folder_lock(cfg.OUTPUT_DIR, "fine-tune", wait_s=GRACE_S + 15) if job.job.machine_rank == 0
             else contextlib.nullcontext())
     with lock:
-        return _run_locked(job, cfg, batch)
+        return _run_locked(job.job, cfg, batch)
 
 
 def _run_locked(job, cfg, batch):
     if job.machine_rank == 0 and not (Path(cfg.OUTPUT_DIR) / SCHEDULE).is_file():
-        atomic.write_json(Path(cfg.OUTPUT_DIR) / SCHEDULE, schedule_record(batch))
+        atomic.write_json(Path(cfg.OUTPUT_DIR) / SCHEDULE, batch.resume_record())
     try:
         launch(_worker, job.num_gpus, num_machines=job.num_machines, machine_rank=job.machine_rank,
-               dist_url=job.dist_url, args=(job,))
+               dist_url=job.dist_url, args=(job, cfg, batch))
     except Exception as exc:
         reason = diverged_reason(exc)
         if reason is None:
@@ -257,17 +268,17 @@ def _run_locked(job, cfg, batch):
 def dry_run_plan(job, cuda):
     """What ``finetune --dry-run`` prints: the effective setup, nothing run."""
     cfg, batch = plan(job, cuda)
-    return {"config": job.config_file, "weights": job.weights, "world_size": job.world_size,
+    return {"config": job.config_path, "weights": job.weights, "world_size": job.world_size,
             "num_machines": job.num_machines, **batch.as_dict(), "device": cfg.MODEL.DEVICE}
 
 
-def finetune_command(args):
-    gpus = args.num_gpus
-    if gpus is None:
-        gpus = torch.cuda.device_count() if args.assume_gpus is None else args.assume_gpus
-    job = finetune_job_from_args(args, gpus)
-    if args.dry_run:
-        cuda = torch.cuda.is_available() if args.assume_gpus is None else args.assume_gpus > 0
+def finetune(job, dry_run=False, assume_gpus=None):
+    """``simsiam-transfer finetune``: a ``FinetuneJob`` (num_gpus -1: every visible GPU) -> plan or run."""
+    if job.num_gpus < 0:
+        visible = torch.cuda.device_count() if assume_gpus is None else assume_gpus
+        job = dataclasses.replace(job, num_gpus=visible)
+    if dry_run:
+        cuda = torch.cuda.is_available() if assume_gpus is None else assume_gpus > 0
         print(json.dumps(dry_run_plan(job, cuda), indent=2))
         return 0
     record = run_finetune(job)

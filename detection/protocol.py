@@ -4,6 +4,7 @@ aggregation (non-finite values count as failed trials)."""
 import math
 import statistics
 
+from detection.batch_policy import SETUP_FIELDS
 from simsiam_transfer.errors import UserError
 
 # --benchmark names -> detectron2 configs (relative to configs/). The mini forms run on CPU
@@ -30,7 +31,7 @@ REPORTED_METRICS = tuple(f"{task}/{m}" for task in TASKS for m in CELL_METRICS)
 SEARCHES = ("best-then-repeat", "best-then-repeat-independent", "full")
 
 
-def parse_lrs(text):
+def parse_lrs(text, name="--lrs"):
     """``"0.02,0.05"`` -> ``[0.02, 0.05]``; refuses empty, non-numeric, non-positive or repeated values."""
     values = []
     for part in str(text).split(","):
@@ -38,19 +39,20 @@ def parse_lrs(text):
         try:
             values.append(float(part))
         except ValueError:
-            raise UserError(f"--lrs {text}: {part!r} is not a number; give e.g. --lrs 0.02,0.05,0.1") from None
-    return check_lrs(values, text)
+            raise UserError(f"{name} {text}: {part!r} is not a number; give e.g. 0.02,0.05,0.1") from None
+    return check_lrs(values, name)
 
 
-def check_lrs(values, text):
-    """The LR grid's rules, for a parsed list (CLI) or one given as numbers (pipeline)."""
+def check_lrs(values, name="--lrs"):
+    """The LR grid's rules; ``name`` is the flag or key the values came from."""
+    shown = ",".join(f"{v:g}" for v in values)
     if not values:
-        raise UserError(f"--lrs {text}: give at least one learning rate")
+        raise UserError(f"{name}: give at least one learning rate")
     for lr in values:
         if not math.isfinite(lr) or lr <= 0:
-            raise UserError(f"--lrs {text}: learning rates must be positive and finite, got {lr:g}")
+            raise UserError(f"{name} {shown}: learning rates must be positive and finite, got {lr:g}")
     if len(set(values)) != len(values):
-        raise UserError(f"--lrs {text}: a learning rate is repeated; list each once")
+        raise UserError(f"{name} {shown}: a learning rate is repeated; list each once")
     return list(values)
 
 
@@ -64,9 +66,9 @@ def allowed_metrics(evaluator_types, mask_on):
     return [f"{task}/{m}" for task in tasks for m in names]
 
 
-def check_metric(metric, allowed, benchmark):
+def check_metric(metric, allowed, benchmark, name="--metric"):
     if metric not in allowed:
-        raise UserError(f"--metric {metric}: {benchmark} reports {', '.join(allowed)}")
+        raise UserError(f"{name} {metric}: {benchmark} reports {', '.join(allowed)}")
     return metric
 
 
@@ -184,11 +186,6 @@ def classifier_warning(summary):
             "comparing pre-trainings")
 
 
-# Effective setup values each record and summary carry (see detection.batch_policy).
-SETUP_KEYS = ("scaling", "world_size", "ims_per_gpu", "effective_batch", "bn_mode", "bn_group", "lr_scale",
-              "max_iter", "flags")
-
-
 def build_summary(settings, records):
     """summary.json from the bench settings and the run store's latest records (pure)."""
     metric, search = settings["metric"], settings["search"]
@@ -206,7 +203,7 @@ def build_summary(settings, records):
         "config": settings["config"],
         "weights": settings["weights"],
         "column": settings.get("column"),
-        "setup": {k: settings.get(k) for k in SETUP_KEYS},
+        "setup": {k: settings.get(k) for k in SETUP_FIELDS},
         "selected_lr": selected,
         "selected_effective_lr": None if selected is None else selected * (settings.get("lr_scale") or 1.0),
         "selection": {"search": search, "metric": metric, "rule": RULES[search].format(m=metric)},

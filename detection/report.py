@@ -15,6 +15,7 @@ import io
 import json
 from pathlib import Path
 
+from detection.batch_policy import SETUP_FIELDS
 from detection.protocol import (CELL_METRICS, CLASSIFIER_METRIC, CLASSIFIER_MIN, DEFAULT_METRIC, REPORTED_METRICS,
                                 RULES, TASKS, build_summary, classifier_warning, counts_as_done)
 from detection.runstore import RunStore
@@ -254,8 +255,7 @@ def _lr_table_md(summary):
 
 
 CSV_FIELDS = ("table", "name", "benchmark", "column", "lr", "selected", "trial", "seed", "status", "metric",
-              "mean", "std", "n", "failed", "search", "scaling", "world_size", "ims_per_gpu", "effective_batch",
-              "bn_mode", "bn_group", "lr_scale", "flags")
+              "mean", "std", "n", "failed", "search", *SETUP_FIELDS)
 
 
 def _csv(benches, per_trial, reference):

@@ -4,13 +4,14 @@ Every state change of a trial appends its full record; a trial's current record 
 line. Only the bench driver writes it (trials write their own ``metrics.json``), so appends
 never interleave, and a line cut short by a crash is skipped on reading.
 
-Record fields: ``id``, ``lr``, ``trial``, ``seed``, ``status`` (queued / running / stopped / done / failed; stopped: cut short by a stop
-signal to the driver, resumed by a rerun),
-``attempt``, ``metrics`` (flat, from the trial's metrics.json), ``wall_time_s``, ``config_hash``,
-``weights``, ``weights_sha256``, ``norm``, ``versions``, ``error``, ``output_dir``, ``job_id``, ``time``
-(unix seconds of the event), and the effective setup ``protocol.SETUP_KEYS`` (``scaling``,
-``world_size``, ``ims_per_gpu``, ``effective_batch``, ``bn_mode``, ``bn_group``, ``lr_scale``,
-``max_iter``, ``flags``). Metric values that are NaN/inf count as a failed trial (``protocol``).
+Record fields: ``id``, ``lr``, ``trial``, ``seed``, ``status`` (queued / running / stopped / done /
+failed; stopped: cut short by a stop signal to the driver, resumed by a rerun), ``attempt``,
+``metrics`` (flat, from the trial's metrics.json), ``wall_time_s``, ``config_hash``, ``weights``,
+``weights_sha256``, ``norm``, ``versions``, ``error``, ``output_dir``, ``job`` (the trial's job.yaml),
+``job_id``, ``time`` (unix seconds of the event), and the effective setup
+``batch_policy.SETUP_FIELDS`` (``scaling``, ``world_size``, ``ims_per_gpu``, ``effective_batch``,
+``bn_mode``, ``bn_group``, ``lr_scale``, ``max_iter``, ``flags``). Metric values that are NaN/inf
+count as a failed trial (``protocol``).
 """
 
 import json

@@ -1,42 +1,29 @@
-"""Typed specs between the CLI, the pipeline, the bench and its executors.
-
-``SweepSpec`` describes one bench folder (benchmark, weights, LR grid, trials, search, metric,
-batch policy, executor options); ``FinetuneJob`` one detectron2 fine-tune; ``Trial`` one job at
-one LR and seed in its own folder. The CLI builds a ``SweepSpec`` from argv
-(``sweep_spec_from_args``), the pipeline builds the same spec with keywords. Executors pickle
-``Trial``s (submitit) or hand them to a subprocess as ``finetune`` argv (``Trial.argv``): that is
-the only place where a spec becomes argv again.
+"""Typed specs of the detection stage, built only from validated ``FINETUNE`` / ``SWEEP`` nodes
+(``detection.schema``): ``FinetuneJob`` is one detectron2 fine-tune, ``SweepSpec`` one bench folder
+(an LR search x trials), ``Trial`` one fine-tune of a sweep at one LR and seed in its own folder.
+Values keep their types from the config to the solver; a trial reaches its worker as a ``job.yaml``
+(``detection.job``), never as argv.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping, Optional
 
 from detection import protocol
-from simsiam_transfer import atomic
-from simsiam_transfer.config import resolve_config
-from simsiam_transfer.errors import UserError
-
-SCALINGS = ("faithful", "linear")
-EXECUTORS = ("local", "slurm", "submitit-local")
-# Slurm defaults per GPU: detectron2's 4 loader workers + the trainer process + one spare; memory
-# for COCO's dataset dicts held by each worker. Override with --slurm-cpus-per-gpu / --slurm-mem-per-gpu.
-SLURM_CPUS_PER_GPU = 6
-SLURM_MEM_PER_GPU_GB = 32
-# Fits the MaxTime of common partitions; submitit requeues a timed-out trial, which resumes
-# from its last checkpoint, so longer trials still finish.
-SLURM_TIME_MIN = 240
+from detection.schema import SWEEP, resolved_config
+from simsiam_transfer.config import CfgNode
 
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneJob:
     """One fine-tune: everything a worker needs; plain data so it pickles into spawned processes."""
 
-    config_file: str
+    config_file: str  # a benchmark name or a detectron2 YAML
     weights: str  # a converted .pkl, or "none" for random init
-    overrides: tuple[str, ...] = ()
+    cfg: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # nested detectron2 keys, typed
+    overrides: tuple[str, ...] = ()  # KEY VALUE strings from a command line (parsed as literals once)
     data_root: str | None = None
     datasets: str | None = None
     num_gpus: int = 0  # processes per machine, one GPU each; 0 = one CPU process
@@ -47,33 +34,34 @@ class FinetuneJob:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "overrides", tuple(str(o) for o in self.overrides))
+        object.__setattr__(self, "cfg", _plain(self.cfg))
 
     @property
     def world_size(self) -> int:
         return max(self.num_gpus, 1) * self.num_machines
 
+    @property
+    def config_path(self) -> str:
+        return resolved_config(self.config_file)[1]
+
     def with_overrides(self, *extra: Any) -> FinetuneJob:
         return dataclasses.replace(self, overrides=self.overrides + tuple(str(e) for e in extra))
 
-    def argv(self) -> list[str]:
-        """``simsiam-transfer finetune`` arguments that rebuild this job (the subprocess boundary)."""
-        args = ["finetune", "--config", self.config_file, "--weights", self.weights,
-                "--num-gpus", str(self.num_gpus), "--scaling", self.scaling]
-        if self.num_machines != 1:
-            args += ["--num-machines", str(self.num_machines), "--machine-rank", str(self.machine_rank),
-                     "--dist-url", self.dist_url]
-        if self.datasets:
-            args += ["--datasets", self.datasets]
-        if self.data_root:
-            args += ["--data-root", self.data_root]
-        return args + list(self.overrides)
+    @classmethod
+    def from_config(cls, node: CfgNode, overrides: tuple[str, ...] = (), num_gpus: Optional[int] = None) -> FinetuneJob:
+        """From a validated FINETUNE node; ``num_gpus`` replaces ``LAUNCH.NUM_GPUS`` (resolved -1)."""
+        launch = node.LAUNCH
+        return cls(config_file=node.CONFIG, weights=_abs_weights(node.WEIGHTS), cfg=node.CFG,
+                   overrides=overrides, data_root=_abs(node.DATA_ROOT), datasets=_abs(node.DATASETS),
+                   num_gpus=launch.NUM_GPUS if num_gpus is None else num_gpus,
+                   num_machines=launch.NUM_MACHINES, machine_rank=launch.MACHINE_RANK, dist_url=launch.DIST_URL,
+                   scaling=node.SCALING)
 
 
 @dataclasses.dataclass(frozen=True)
 class Trial:
-    """A fine-tune job at one LR and seed, in ``output_dir``."""
+    """A fine-tune of a sweep at one LR and seed, in ``output_dir`` (its ``job.yaml`` is written there)."""
 
-    job: FinetuneJob
     lr: float
     trial: int
     seed: int
@@ -83,130 +71,77 @@ class Trial:
     def id(self) -> str:
         return protocol.trial_id(self.lr, self.trial)
 
-    def finetune_job(self) -> FinetuneJob:
-        return self.job.with_overrides("SOLVER.BASE_LR", repr(self.lr), "SEED", self.seed,
-                                       "OUTPUT_DIR", self.output_dir)
-
-    def argv(self) -> list[str]:
-        return self.finetune_job().argv()
-
 
 @dataclasses.dataclass(frozen=True)
 class ExecutorOptions:
-    """Where trials run and what each asks for."""
+    """Where trials run and what each asks for (``SWEEP.EXECUTOR``, ``GPUS_PER_TRIAL``, ``CPU_JOBS``, ``SLURM``)."""
 
     kind: str = "local"  # local | slurm | submitit-local
     gpus_per_trial: int | None = None  # None: all visible GPUs locally, 8 (the protocol's) on Slurm
     cpu_jobs: int = 1  # CPU trials (no GPU) at once, locally; each gets cores // cpu_jobs threads
     slurm_partition: str | None = None
-    slurm_time_min: int = SLURM_TIME_MIN
-    slurm_cpus_per_gpu: int = SLURM_CPUS_PER_GPU
-    slurm_mem_per_gpu_gb: int = SLURM_MEM_PER_GPU_GB
+    slurm_time_min: int = SWEEP.SLURM.TIME_MIN
+    slurm_cpus_per_gpu: int = SWEEP.SLURM.CPUS_PER_GPU
+    slurm_mem_per_gpu_gb: int = SWEEP.SLURM.MEM_PER_GPU_GB
 
 
 @dataclasses.dataclass(frozen=True)
 class SweepSpec:
-    """One bench folder: an LR search x trials of one weights file on one benchmark."""
+    """One bench folder: an LR search x trials of one fine-tune."""
 
-    benchmark: str  # a protocol.BENCHMARKS name or a detectron2 config file
-    weights: str  # a converted .pkl, or "none"
+    finetune: FinetuneJob
     output_dir: str
-    name: str | None = None  # report row; default: the weights file's stem, or "scratch"
+    name: str
     lrs: tuple[float, ...] | None = None  # None: the config's SOLVER.BASE_LR
     trials: int = 5
     search: str = "best-then-repeat"
     metric: str = protocol.DEFAULT_METRIC
-    overrides: tuple[str, ...] = ()
-    datasets: str | None = None
-    data_root: str | None = None
-    scaling: str = "faithful"
     executor: ExecutorOptions = ExecutorOptions()
     max_retries: int = 1
     keep_checkpoints: bool = False
+    # How errors found later (files, GPUs, metric) name a key: its flag, or ``source: KEY``.
+    label: Callable[[str], str] = dataclasses.field(default=str, compare=False, repr=False)
 
-    def __post_init__(self) -> None:
-        # Normalised here so a spec from argv and one from keywords compare equal.
-        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
-        set_("overrides", tuple(str(o) for o in self.overrides))
-        if self.lrs is not None:
-            set_("lrs", tuple(float(lr) for lr in self.lrs))
-        set_("weights", self.weights if self.weights == "none" else _abs(self.weights))
-        set_("datasets", _abs(self.datasets))
-        set_("data_root", _abs(self.data_root))
-        set_("output_dir", _abs(self.output_dir))
-        if self.name is None:
-            set_("name", "scratch" if self.weights == "none" else Path(self.weights).stem)
+    @classmethod
+    def from_config(cls, cfg: CfgNode, overrides: tuple[str, ...] = (),
+                    label: Callable[[str], str] = str) -> SweepSpec:
+        """From a validated bench node (``FINETUNE`` and ``SWEEP``); ``label`` names keys in errors."""
+        s = cfg.SWEEP
+        job = FinetuneJob.from_config(cfg.FINETUNE, overrides)
+        name = s.NAME or ("scratch" if job.weights == "none" else Path(job.weights).stem)
+        return cls(
+            finetune=job, output_dir=str(_abs(s.OUTPUT_DIR)), name=name,
+            lrs=tuple(float(lr) for lr in s.LRS) or None, trials=s.TRIALS, search=s.SEARCH, metric=s.METRIC,
+            max_retries=s.MAX_RETRIES, keep_checkpoints=s.KEEP_CHECKPOINTS, label=label,
+            executor=ExecutorOptions(kind=s.EXECUTOR, gpus_per_trial=None if s.GPUS_PER_TRIAL < 0 else s.GPUS_PER_TRIAL,
+                                     cpu_jobs=s.CPU_JOBS, slurm_partition=s.SLURM.PARTITION or None,
+                                     slurm_time_min=s.SLURM.TIME_MIN, slurm_cpus_per_gpu=s.SLURM.CPUS_PER_GPU,
+                                     slurm_mem_per_gpu_gb=s.SLURM.MEM_PER_GPU_GB))
 
-    def validate(self) -> None:
-        """Every check that needs no file but the config: refused before anything is written."""
-        if self.trials < 1:
-            raise UserError(f"--trials must be >= 1, got {self.trials}")
-        if self.max_retries < 0:
-            raise UserError(f"--max-retries must be >= 0, got {self.max_retries}")
-        if self.search not in protocol.SEARCHES:
-            raise UserError(f"--search {self.search}: use one of {', '.join(protocol.SEARCHES)}")
-        if self.scaling not in SCALINGS:
-            raise UserError(f"--scaling {self.scaling}: use one of {', '.join(SCALINGS)}")
-        if self.executor.kind not in EXECUTORS:
-            raise UserError(f"--executor {self.executor.kind}: use one of {', '.join(EXECUTORS)}")
-        if self.lrs is not None:
-            protocol.check_lrs(self.lrs, ",".join(f"{lr:g}" for lr in self.lrs))
-        gpus = self.executor.gpus_per_trial
-        if gpus is not None and gpus < 0:
-            raise UserError(f"--gpus-per-trial must be >= 0, got {gpus}")
-        if self.executor.cpu_jobs < 1:
-            raise UserError(f"--cpu-jobs must be >= 1, got {self.executor.cpu_jobs}")
-        if self.executor.cpu_jobs > 1 and self.executor.kind != "local":
-            raise UserError(f"--cpu-jobs {self.executor.cpu_jobs} runs CPU trials side by side on this machine; "
-                            f"it needs --executor local (got {self.executor.kind})")
-        for flag, value in (("--slurm-time", self.executor.slurm_time_min),
-                            ("--slurm-cpus-per-gpu", self.executor.slurm_cpus_per_gpu),
-                            ("--slurm-mem-per-gpu", self.executor.slurm_mem_per_gpu_gb)):
-            if value < 1:
-                raise UserError(f"{flag} must be >= 1, got {value}")
-        atomic.check_output_dir(self.output_dir, "--output-dir")
-        self.resolved_benchmark()
-
-    def resolved_benchmark(self) -> tuple[str, str]:
-        """(benchmark label, config file) for ``benchmark``."""
-        if self.benchmark in protocol.BENCHMARKS:
-            return self.benchmark, protocol.BENCHMARKS[self.benchmark]
-        if self.benchmark.endswith((".yaml", ".yml")):
-            resolve_config(self.benchmark)
-            return Path(self.benchmark).stem, self.benchmark
-        raise UserError(f"--benchmark {self.benchmark}: not one of {sorted(protocol.BENCHMARKS)} "
-                        "nor a .yaml config file")
+    @property
+    def benchmark(self) -> str:
+        return resolved_config(self.finetune.config_file)[0]
 
     def job(self, num_gpus: int) -> FinetuneJob:
         """The fine-tune every trial of this sweep runs (before its LR, seed and folder)."""
-        return FinetuneJob(config_file=self.resolved_benchmark()[1], weights=self.weights,
-                           overrides=self.overrides, data_root=self.data_root, datasets=self.datasets,
-                           num_gpus=num_gpus, scaling=self.scaling)
+        return dataclasses.replace(self.finetune, num_gpus=num_gpus)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _plain(node: Any) -> Any:
+    """A config node as plain dicts and lists (pickles and dumps without fvcore)."""
+    if isinstance(node, Mapping):
+        return {str(k): _plain(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_plain(v) for v in node]
+    return node
 
 
 def _abs(path: str | None) -> str | None:
     return str(Path(path).expanduser().resolve()) if path else None
 
 
-def sweep_spec_from_args(args: Any) -> SweepSpec:
-    """The ``bench`` command's argparse namespace -> SweepSpec (the only argv -> spec step)."""
-    return SweepSpec(
-        benchmark=args.benchmark, weights=args.weights, output_dir=args.output_dir, name=args.name,
-        lrs=protocol.parse_lrs(args.lrs) if args.lrs else None, trials=args.trials, search=args.search,
-        metric=args.metric, overrides=tuple(args.overrides), datasets=args.datasets, data_root=args.data_root,
-        scaling=args.scaling, max_retries=args.max_retries, keep_checkpoints=args.keep_checkpoints,
-        executor=ExecutorOptions(kind=args.executor, gpus_per_trial=args.gpus_per_trial, cpu_jobs=args.cpu_jobs,
-                                 slurm_partition=args.slurm_partition, slurm_time_min=args.slurm_time,
-                                 slurm_cpus_per_gpu=args.slurm_cpus_per_gpu,
-                                 slurm_mem_per_gpu_gb=args.slurm_mem_per_gpu))
-
-
-def finetune_job_from_args(args: Any, num_gpus: int) -> FinetuneJob:
-    """The ``finetune`` command's namespace -> FinetuneJob."""
-    return FinetuneJob(config_file=args.config, weights=args.weights, overrides=tuple(args.overrides),
-                       data_root=args.data_root, datasets=args.datasets, num_gpus=num_gpus,
-                       num_machines=args.num_machines, machine_rank=args.machine_rank,
-                       dist_url=args.dist_url, scaling=args.scaling)
+def _abs_weights(weights: str) -> str:
+    return weights if weights == "none" else str(_abs(weights))

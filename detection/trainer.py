@@ -10,6 +10,7 @@ from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 
+from simsiam_transfer import c4  # noqa: F401  (registers Res5ROIHeadsExtraNorm, the protocol's RoI head)
 from simsiam_transfer.versions import compiled_ops_available
 
 # detectron2's default JSONWriter uses OUTPUT_DIR/metrics.json, which this toolkit reserves

@@ -1,22 +1,6 @@
-"""Pretraining checkpoints: atomic writes, resume state, and the format the converter reads.
-
-``checkpoint_last.pth`` (every epoch) and ``checkpoint_NNNN.pth`` (every SOLVER.CHECKPOINT_PERIOD
-epochs and the last; NNNN = epochs completed) hold a dict:
-
-    format       "simsiam-transfer/pretrain-v1"
-    state_dict   model weights: backbone ``encoder.{conv1,bn1,layer1-4}.*``, projector
-                 ``encoder.fc.*``, predictor ``predictor.*`` (no DDP ``module.`` prefix)
-    optimizer    SGD state (param groups carry ``fix_lr``)
-    epoch        epochs completed (= the 0-based index of the next epoch)
-    config       the full resolved config (YAML text)
-    versions     torch / torchvision / ... versions
-    history      the per-epoch metrics records (metrics.jsonl is rewritten from it on resume)
-    rng          per rank: torch / CUDA (the rank's own device only) / numpy / python RNG states,
-                 so a resumed run continues the stream
-    scaler       GradScaler state ({} when fp16 AMP was off: skipped on load)
-    targets      the Sec. 5.2 moving-average memory {"memory": images x d} (or None)
-
-All of it loads with ``torch.load(..., weights_only=True)``.
+"""Resuming pretraining from its checkpoints: RNG streams of every rank, restoring live objects, and
+the atomic writes. The checkpoint format itself (writer and readers) is the floor's
+``simsiam_transfer.pretrain_format``, which the converter reads too.
 """
 
 import random
@@ -26,19 +10,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from simsiam_transfer import atomic
-from simsiam_transfer.checkpoints import describe_load_error
-from simsiam_transfer.errors import UserError
-from simsiam_transfer.versions import library_versions
+from simsiam_transfer.pretrain_format import (FORMAT, LAST, build_payload, load, model_settings_changed,
+                                              numbered_name)
 
-FORMAT = "simsiam-transfer/pretrain-v1"
-LAST = "checkpoint_last.pth"
-
-
-def numbered_name(epochs_done):
-    return f"checkpoint_{epochs_done:04d}.pth"
+__all__ = ["FORMAT", "LAST", "build_payload", "load", "model_settings_changed", "numbered_name", "rng_state",
+           "set_rng_state", "cuda_state_for_device", "restore", "save"]
 
 
 def rng_state() -> dict:
@@ -77,18 +55,6 @@ def cuda_state_for_device(saved: list, device_index):
     return saved[device_index] if device_index < len(saved) else None
 
 
-def build_payload(model, optimizer, scaler, targets, epoch: int, config_text: str, history: list,
-                  rng: list) -> dict:
-    """The checkpoint dict in the format documented above (model without any DDP wrapper)."""
-    return {
-        # contiguous: the file does not depend on the training memory format (channels_last)
-        "format": FORMAT, "state_dict": {k: v.contiguous() for k, v in model.state_dict().items()}, "optimizer": optimizer.state_dict(),
-        "epoch": epoch, "config": config_text, "versions": library_versions(), "history": list(history),
-        "rng": rng, "scaler": scaler.state_dict(),
-        "targets": targets.state_dict() if targets is not None else None,
-    }
-
-
 def restore(ckpt: dict, model, optimizer, scaler, targets, rank: int) -> None:
     """Load a checkpoint's training state into live objects (resume)."""
     model.load_state_dict(ckpt["state_dict"])
@@ -110,20 +76,3 @@ def save(out_dir, payload, numbered):
         with atomic.atomic_path(out_dir / numbered_name(payload["epoch"])) as tmp:
             shutil.copyfile(last, tmp)
     return last
-
-
-def load(path):
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"{path}: unreadable checkpoint ({describe_load_error(exc)}); move it away "
-                        "to resume from an earlier numbered checkpoint, or use a new OUTPUT_DIR") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise UserError(f"{path}: not a simsiam-transfer pretraining checkpoint; use a new OUTPUT_DIR")
-    return ckpt
-
-
-def model_settings_changed(saved_config_text, cfg):
-    """MODEL.* keys whose value differs between a checkpoint's config and ``cfg``."""
-    saved = yaml.safe_load(saved_config_text).get("MODEL", {})
-    return sorted(f"MODEL.{k}: {saved.get(k)!r} -> {v!r}" for k, v in cfg.MODEL.items() if saved.get(k) != v)

@@ -20,9 +20,11 @@ from pretrain import checkpoint
 from pretrain.distributed import all_reduce_sum
 from pretrain.knn import extract_features, weighted_knn_top1
 from pretrain.loss import normalized_std
+from pretrain.outputs import METRICS
 from pretrain.schedule import apply_lr, lr_at_epoch
 from simsiam_transfer import atomic
 from simsiam_transfer.errors import TrainingDiverged
+from simsiam_transfer.resnet import residual_branch_gammas
 
 
 class HookBase:
@@ -48,7 +50,7 @@ class HookBase:
 
 def write_metrics_file(out_dir, history) -> None:
     text = "".join(json.dumps(record, sort_keys=True) + "\n" for record in history)
-    atomic.write_text(Path(out_dir) / "metrics.jsonl", text)
+    atomic.write_text(Path(out_dir) / METRICS, text)
 
 
 def init_batches(num_images: int, batch: int, dist_info) -> List[List[int]]:
@@ -192,11 +194,9 @@ class KnnMonitor(HookBase):
 
 def residual_bn_scale(encoder) -> dict:
     """Per ResNet stage, mean |gamma| of each residual branch's last BN (zero-init starts at 0)."""
-    out = {}
-    for stage in ("layer1", "layer2", "layer3", "layer4"):
-        gammas = [block.bn3 if hasattr(block, "bn3") else block.bn2 for block in getattr(encoder, stage)]
-        out[stage] = round(float(torch.cat([bn.weight.detach().abs().flatten() for bn in gammas]).mean()), 6)
-    return out
+    stages = residual_branch_gammas(encoder.state_dict())
+    return {f"layer{i + 1}": round(float(torch.cat([g.detach().abs().flatten() for g in gammas]).mean()), 6)
+            for i, gammas in enumerate(stages)}
 
 
 class ResidualBNMonitor(HookBase):

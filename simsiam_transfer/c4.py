@@ -26,7 +26,7 @@ from detectron2.modeling.backbone.resnet import BasicBlock, BottleneckBlock, Res
 from detectron2.modeling.roi_heads import Res5ROIHeads
 from torch import nn
 
-from simsiam_transfer.checkpoints import read_detectron2_pkl
+from simsiam_transfer.d2_weights import read_detectron2_pkl
 from simsiam_transfer.config import merge_file
 from simsiam_transfer.errors import UserError
 from simsiam_transfer.resnet import RESNETS

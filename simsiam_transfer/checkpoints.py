@@ -14,13 +14,9 @@ torchvision          (none)                       classifier ``fc.*``
 ===================  ===========================  =========================================
 """
 
-import io
-import json
-import pickle
 import re
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -66,6 +62,8 @@ def describe_load_error(exc, path=None):
     if refused:
         return f"unsafe pickle, refused by weights_only loading: it would build {refused.group(1)}"
     if path is not None:
+        from simsiam_transfer.d2_weights import describe_plain_pickle  # it reads this module's errors
+
         described = describe_plain_pickle(path)
         if described:
             return described
@@ -212,8 +210,11 @@ def check_complete(backbone, depth, path):
 
 
 def extract_backbone(path, source="auto"):
-    """Return ``(backbone, info)``: torchvision-named tensors and what was found and dropped."""
+    """Return ``(backbone, info)``: torchvision-named tensors and what was found and dropped, and the
+    training record when the file is a pretraining checkpoint of this project."""
     import torch
+
+    from simsiam_transfer.pretrain_format import training_record  # it reads this module's errors
 
     checkpoint = load_checkpoint(path)
     state_dict = state_dict_of(checkpoint, path)
@@ -232,114 +233,3 @@ def extract_backbone(path, source="auto"):
     backbone = {k: v.float() if v.is_floating_point() else v for k, v in backbone.items()}
     return backbone, {"source": source, "depth": depth, "block": block, "dropped": dropped,
                       "training": training_record(checkpoint)}
-
-
-def training_record(checkpoint) -> Optional[dict]:
-    """This project's pretraining checkpoints carry per-epoch ``history`` (loss, z_std, lr, steps) and
-    their config: the projector dim d, the weight decay and momentum, and whether the residual
-    branches' last BN started at zero (None where the config does not say)."""
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("history"), list):
-        return None
-    import yaml
-
-    record = {"history": checkpoint["history"], "dim": 0, "weight_decay": 0.0, "momentum": 0.0,
-              "zero_init_residual": None}
-    try:
-        cfg = yaml.safe_load(checkpoint.get("config") or "")
-        record["dim"] = int(cfg.get("MODEL", {}).get("DIM", 0))
-        record["weight_decay"] = float(cfg.get("SOLVER", {}).get("WEIGHT_DECAY", 0.0))
-        record["momentum"] = float(cfg.get("SOLVER", {}).get("MOMENTUM", 0.0))
-        zero_init = cfg.get("MODEL", {}).get("ZERO_INIT_RESIDUAL")
-        record["zero_init_residual"] = zero_init if isinstance(zero_init, bool) else None
-    except (yaml.YAMLError, AttributeError, TypeError, ValueError):
-        pass
-    return record
-
-
-
-def conversion_report_path(weights) -> Path:
-    """``convert`` writes its report beside the weights file: ``OUTPUT.report.json``."""
-    return Path(f"{weights}.report.json")
-
-
-def conversion_warnings(weights) -> list:
-    """The converter's warnings about ``weights`` (near-identity blocks, a pretraining that did not
-    learn or collapsed), read from its report; [] when there is no report or nothing was wrong."""
-    path = conversion_report_path(weights)
-    if not path.is_file():
-        return []
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return [f"{path}: unreadable conversion report; convert the checkpoint again to check it"]
-    advice = (report.get("pretraining_check") or {}).get("advice")
-    return [f"{Path(weights).name}: {w}" + (f"; {advice}" if advice else "") for w in report.get("warnings", [])]
-
-
-# -- detectron2 pickles: an unpickler that only rebuilds numpy arrays and plain containers ------------
-_ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"),
-    ("numpy._core.numeric", "_frombuffer"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("collections", "OrderedDict"),
-}
-
-
-class _Refused(pickle.UnpicklingError):
-    def __init__(self, name):
-        super().__init__(f"refusing to load {name}")
-        self.name = name
-
-
-class _ArraysOnlyUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) in _ALLOWED:
-            return super().find_class(module, name)
-        raise _Refused(f"{module}.{name}")
-
-
-def read_detectron2_pkl(path):
-    """Return the ``model`` dict of a detectron2 .pkl, refusing anything but arrays."""
-    try:
-        with open(path, "rb") as f:
-            data = _ArraysOnlyUnpickler(io.BufferedReader(f), encoding="latin1").load()
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
-    except _Refused as exc:
-        raise UserError(f"{path}: not a detectron2 weights file of plain arrays ({exc})") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
-        raise UserError(f"{path}: truncated or corrupt pickle ({type(exc).__name__}); convert it again") from None
-    model = data.get("model") if isinstance(data, dict) else None
-    if not isinstance(model, dict) or not model:
-        raise UserError(f"{path}: no 'model' weights dict; produce it with `simsiam-transfer convert`")
-    bad = [k for k, v in model.items() if not isinstance(v, np.ndarray)]
-    if bad:
-        raise UserError(f"{path}: entries that are not arrays, e.g. {bad[0]!r}")
-    bad = [k for k, v in model.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
-    if bad:
-        raise UserError(f"{path}: {len(bad)} array(s) hold NaN/inf, first {bad[0]!r}; convert a checkpoint "
-                        "from before the pretraining diverged")
-    return data
-
-
-def describe_plain_pickle(path):
-    """What a plain pickle (not torch's zip format) holds, read without running it; None otherwise."""
-    try:
-        with open(path, "rb") as f:
-            if f.read(1) != b"\x80":  # pickle protocol 2+ opcode; anything else is not ours to describe
-                return None
-            f.seek(0)
-            data = _ArraysOnlyUnpickler(io.BufferedReader(f), encoding="latin1").load()
-    except _Refused as exc:
-        return f"a pickle that would build {exc.name}, refused: loading it could run code"
-    except Exception:  # noqa: BLE001 - a file we cannot read this way is described by torch's error
-        return None
-    if isinstance(data, dict) and isinstance(data.get("model"), dict):
-        return ("a detectron2 weights file (already converted); give it to `finetune --weights` or "
-                "`bench --weights`, and give `convert` the pretraining checkpoint")
-    return None

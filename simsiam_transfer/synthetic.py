@@ -324,6 +324,22 @@ def _generated_files(folder: Path) -> List[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir())
 
 
+def _manifest(out: Path):
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("generator") == GENERATOR else None
+
+
+def is_generated(out) -> bool:
+    """Whether ``out`` holds a finished generated dataset: its mark (written last), or the layout of a
+    version that wrote no mark (such a folder is used as it is, but never replaced)."""
+    out = Path(out)
+    earlier = all((out / name).exists() for name in ("datasets.yaml", "VOCdevkit", "coco", "unlabeled", "labeled"))
+    return _manifest(out) is not None or earlier
+
+
 def _refuse_unless_generated(out: Path) -> None:
     """Refuse, before any work, an ``out`` that is not a new, empty or earlier generated folder."""
     if out.is_symlink():
@@ -333,12 +349,8 @@ def _refuse_unless_generated(out: Path) -> None:
     check_output_dir(out, "--out")
     if not out.is_dir() or not any(out.iterdir()):
         return
-    mark = out / MANIFEST
-    try:
-        manifest = json.loads(mark.read_text())
-        listed = set(manifest["files"]) if manifest.get("generator") == GENERATOR else None
-    except (OSError, ValueError, KeyError, TypeError):
-        listed = None
+    manifest = _manifest(out)
+    listed = set(manifest["files"]) if manifest and isinstance(manifest.get("files"), list) else None
     if listed is None:
         raise UserError(f"--out {out}: holds files that data make-synthetic did not write (no {MANIFEST}); "
                         "nothing was changed: give a new or empty folder")

@@ -24,14 +24,14 @@ import torchvision  # noqa: E402
 def run_cli(*args, cwd=None, timeout=900, env=None):
     """The installed console command as a user runs it; returns CompletedProcess (text)."""
     exe = Path(sys.executable).with_name("simsiam-transfer")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "simsiam_transfer.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "app.cli"]
     return subprocess.run(cmd + [str(a) for a in args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def cli_main(*args):
     """In-process CLI call (no interpreter start-up); returns the exit status."""
-    from simsiam_transfer.cli import main
+    from app.cli import main
 
     return main([str(a) for a in args])
 

@@ -355,7 +355,7 @@ def _(c):
 
 @case("config/pipeline CPU_JOBS of 0")
 def _(c):
-    return ["pipeline", "--config", "pipeline/mini.yaml", "CPU_JOBS", "0"], ["CPU_JOBS must be an integer >= 1"]
+    return ["pipeline", "--config", "pipeline/mini.yaml", "SWEEP.CPU_JOBS", "0"], ["SWEEP.CPU_JOBS 0: must be an integer >= 1"]
 
 
 @case("config/finetune override of an unknown key")
@@ -701,7 +701,7 @@ def test_killed_convert_leaves_no_tmp_after_the_next_run(tmp_path):
     src = tmp_path / "r50.pth"
     torch.save({"state_dict": {f"module.encoder.{k}": v for k, v in torchvision_state(50).items()}}, src)
     out = tmp_path / "out.pkl"
-    cmd = [sys.executable, "-m", "simsiam_transfer.cli", "convert", str(src), str(out), "--no-verify"]
+    cmd = [sys.executable, "-m", "app.cli", "convert", str(src), str(out), "--no-verify"]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not list(tmp_path.glob(".out.pkl.*.tmp")):
@@ -713,7 +713,7 @@ def test_killed_convert_leaves_no_tmp_after_the_next_run(tmp_path):
     rerun = run_cli("convert", src, out, "--no-verify")
     assert rerun.returncode == 0, rerun.stderr
     assert not list(tmp_path.glob(".*.tmp"))
-    from simsiam_transfer.checkpoints import read_detectron2_pkl
+    from simsiam_transfer.d2_weights import read_detectron2_pkl
 
     assert "res5.2.conv3.weight" in read_detectron2_pkl(out)["model"]
 

@@ -70,7 +70,7 @@ def _events(out):
 
 
 def _kill_after_first_done_then_rerun(args, out, trials=4):
-    cmd = [sys.executable, "-m", "simsiam_transfer.cli", *args]
+    cmd = [sys.executable, "-m", "app.cli", *args]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
@@ -125,6 +125,16 @@ def local_sweep(synthetic, r18_pkl, tmp_path_factory):
 def test_local_sweep_survives_sigkill_and_matches_its_store(local_sweep):
     out, events = local_sweep
     _check_summary_matches_store(out)
+    import yaml
+
+    for event in events:  # a trial is its job file: the LR stays a float from --lrs to the trainer's config
+        if event["status"] != "done":
+            continue
+        job = yaml.safe_load(open(event["job"]))
+        trainer_cfg = yaml.safe_load((out / "trials" / event["id"] / "config.yaml").read_text())
+        for lr in (job["detectron2"]["SOLVER"]["BASE_LR"], trainer_cfg["SOLVER"]["BASE_LR"]):
+            assert type(lr) is float and lr == event["lr"]
+        assert job["detectron2"]["SEED"] == event["seed"] == trainer_cfg["SEED"]
     settings = json.loads((out / "bench.json").read_text())
     assert settings["lrs"] == [0.02, 0.05] and settings["search"] == "full"
     # --cpu-jobs 2: two trials ran side by side, each on its share of the cores.
@@ -206,7 +216,7 @@ def test_bad_bench_inputs_exit_2_without_a_run_store(synthetic, r18_pkl, tmp_pat
         assert "--lrs" in capsys.readouterr().err
     args = _bench_args(synthetic, r18_pkl, tmp_path / "a")
     args[args.index("--trials") + 1] = "0"
-    assert cli_main(*args) == 2 and "--trials must be >= 1" in capsys.readouterr().err
+    assert cli_main(*args) == 2 and "--trials 0: must be an integer >= 1" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
     args = _bench_args(synthetic, r18_pkl, tmp_path / "b")
     args[args.index("--benchmark") + 1] = "voc2099"
@@ -214,9 +224,9 @@ def test_bad_bench_inputs_exit_2_without_a_run_store(synthetic, r18_pkl, tmp_pat
     assert cli_main(*_bench_args(synthetic, r18_pkl, tmp_path / "c", "MODEL.BAD_KEY", "1")) == 2
     assert "MODEL.BAD_KEY" in capsys.readouterr().err
     assert cli_main(*_bench_args(synthetic, r18_pkl, tmp_path / "c", "--cpu-jobs", "0")) == 2
-    assert "--cpu-jobs must be >= 1" in capsys.readouterr().err
+    assert "--cpu-jobs 0: must be an integer >= 1" in capsys.readouterr().err
     assert cli_main(*_bench_args(synthetic, r18_pkl, tmp_path / "c", "--cpu-jobs", "2", executor="slurm")) == 2
-    assert "--cpu-jobs 2 runs CPU trials side by side" in capsys.readouterr().err
+    assert "--cpu-jobs 2: runs CPU trials side by side" in capsys.readouterr().err
     for metric in ("bogus/AP", "segm/AP"):  # VOC has no masks: refused before any fine-tune
         assert cli_main(*_bench_args(synthetic, r18_pkl, tmp_path / "d", "--metric", metric)) == 2
         assert f"--metric {metric}: voc07_mini reports bbox/AP50, bbox/AP, bbox/AP75" in capsys.readouterr().err

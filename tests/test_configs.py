@@ -21,10 +21,10 @@ def test_shipped_config_loads_through_its_stage_loader(name):
         cfg = load_cfg(name)
         assert cfg.is_frozen() and cfg.SOLVER.EPOCHS > 0
     elif stage == "detection":
-        import detection  # noqa: F401  (registers the C4 ExtraNorm head the configs name)
         from detectron2.config import get_cfg
         from detectron2.modeling import ROI_HEADS_REGISTRY
 
+        from simsiam_transfer import c4  # noqa: F401  (registers the C4 ExtraNorm head the configs name)
         from simsiam_transfer.config import merge_file
 
         cfg = get_cfg()
@@ -33,11 +33,11 @@ def test_shipped_config_loads_through_its_stage_loader(name):
         assert cfg.SOLVER.IMS_PER_BATCH > 0
         assert cfg.DATASETS.TRAIN or name.split("/")[-1].startswith("Base-")  # a _BASE_ names no data
     else:
-        from simsiam_transfer.pipeline import Pipeline, load_pipeline_cfg
+        from app.pipeline import Pipeline, load_pipeline_cfg
 
         pipeline = Pipeline(load_pipeline_cfg(name))
         if name.endswith("mini_long.yaml"):  # long enough for the box classifier to learn (README)
-            assert pipeline.cfg.BENCH.CFG.SOLVER.MAX_ITER == 600 and len(pipeline.rows) == 3
+            assert pipeline.cfg.FINETUNE.CFG.SOLVER.MAX_ITER == 600 and len(pipeline.rows) == 3
         for row in pipeline.rows:  # each row's pretraining config, nested keys included
             if row.pretrained_here:
                 assert pipeline.pretrain_cfg(row).is_frozen()

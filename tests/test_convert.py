@@ -10,7 +10,7 @@ import torchvision
 
 from conftest import cli_main, run_cli, torchvision_state
 from convert.command import convert_checkpoint
-from simsiam_transfer.checkpoints import read_detectron2_pkl
+from simsiam_transfer.d2_weights import read_detectron2_pkl
 from convert.rename import rename_torchvision_to_detectron2
 from simsiam_transfer.checkpoints import SOURCES
 from convert.verify import VerificationError, verify_detectron2_payload
@@ -101,7 +101,7 @@ def test_torchvision_output_loads_into_torchvision(tmp_path):
 
 
 def _payload_and_backbone(tmp_path, depth=18):
-    from convert.d2_format import detectron2_payload
+    from simsiam_transfer.d2_weights import detectron2_payload
     from convert.rename import rename_state_dict
 
     backbone = {k: v for k, v in torchvision_state(depth).items()
@@ -183,7 +183,7 @@ def _bad_inputs(tmp_path):
 
 
 def test_bad_inputs_are_refused_with_one_line_exit_2_and_no_output(tmp_path, capsys):
-    from simsiam_transfer.cli import main
+    from app.cli import main
 
     for name, message in _bad_inputs(tmp_path).items():
         out = tmp_path / f"{name}.pkl"
@@ -218,7 +218,7 @@ def test_detectron2_reader_refuses_foreign_pickles(tmp_path):
 
 
 def test_our_pretraining_checkpoint_converts(synthetic, tmp_path):
-    from simsiam_transfer.cli import main
+    from app.cli import main
 
     args = ["pretrain", "--config", "pretrain/simsiam_R_18_mini.yaml", "DATA.TRAIN_DIR", synthetic / "unlabeled",
             "DATA.KNN_TRAIN_DIR", "", "DATA.KNN_VAL_DIR", "", "DATA.IMAGE_SIZE", 32, "DATA.NUM_WORKERS", 0,

@@ -5,10 +5,10 @@ import sys
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, cli_main, run_cli
 from simsiam_transfer.config import config_root
 from simsiam_transfer.errors import UserError
-from simsiam_transfer.pipeline import Pipeline, load_pipeline_cfg, pretrain_command
+from app.pipeline import Pipeline, load_pipeline_cfg, pretrain_command
 
 MINI = config_root() / "pipeline" / "mini.yaml"
 
@@ -58,16 +58,16 @@ def test_cpu_jobs_pretrain_rows_and_trials_side_by_side(monkeypatch, tmp_path):
     import torch
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    one = Pipeline(load_pipeline_cfg("pipeline/mini.yaml", ["CPU_JOBS", "1"]))
+    one = Pipeline(load_pipeline_cfg("pipeline/mini.yaml", ["SWEEP.CPU_JOBS", "1"]))
     assert [n for n, _ in one.stages() if n.startswith("pretrain")] == ["pretrain:simsiam", "pretrain:simsiam_no_sg"]
     assert one.sweep_spec("voc07_mini", one.rows[0]).executor.cpu_jobs == 1
-    two = Pipeline(load_pipeline_cfg("pipeline/mini.yaml", ["CPU_JOBS", "2"]))
+    two = Pipeline(load_pipeline_cfg("pipeline/mini.yaml", ["SWEEP.CPU_JOBS", "2"]))
     assert [n for n, _ in two.stages() if n.startswith("pretrain")] == ["pretrain:simsiam+simsiam_no_sg"]
     assert two.sweep_spec("voc07_mini", two.rows[0]).executor.cpu_jobs == 2
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # GPU machines: GPUs set the parallelism
     assert two.sweep_spec("voc07_mini", two.rows[0]).executor.cpu_jobs == 1
-    with pytest.raises(UserError, match="CPU_JOBS must be an integer >= 1, got 0"):
-        load_pipeline_cfg("pipeline/mini.yaml", ["CPU_JOBS", "0"])
+    with pytest.raises(UserError, match="SWEEP.CPU_JOBS 0: must be an integer >= 1"):
+        load_pipeline_cfg("pipeline/mini.yaml", ["SWEEP.CPU_JOBS", "0"])
 
 
 def test_per_benchmark_trials_must_name_a_benchmark(tmp_path):
@@ -76,27 +76,52 @@ def test_per_benchmark_trials_must_name_a_benchmark(tmp_path):
         load_pipeline_cfg(path)
 
 
-def test_the_pipeline_and_bench_build_the_same_sweep_spec(tmp_path):
-    from detection.spec import sweep_spec_from_args
-    from simsiam_transfer.cli import build_parser
+@pytest.mark.parametrize("text, message", [
+    ("SWEEP: {SERCH: full}", "Non-existent config key: SWEEP.SERCH"),
+    ("SWEEP: {SEARCH: fulll}", "SWEEP.SEARCH 'fulll': use one of"),
+    ("SWEEP: {EXECUTOR: slurmm}", "SWEEP.EXECUTOR 'slurmm': use one of"),
+    ("SWEEP: {TRIALS: 0}", "SWEEP.TRIALS 0: must be an integer >= 1"),
+    ("SWEEP: {LRS: [0.02, -1]}", "SWEEP.LRS 0.02,-1: learning rates must be positive"),
+    ("SWEEP: {METRIC: bbox/APP}", "SWEEP.METRIC 'bbox/APP': use one of"),
+    ("SWEEP: {SLURM: {PARTITON: gpu}}", "Non-existent config key: SWEEP.SLURM.PARTITON"),
+    ("SWEEP: {KEEP_CHECKPOINTS: 3}", "SWEEP.KEEP_CHECKPOINTS"),
+    ("FINETUNE: {SCALING: sqrt}", "FINETUNE.SCALING 'sqrt': use one of faithful, linear"),
+    ("FINETUNE: {WEIGHTS: w.pkl}", "FINETUNE.WEIGHTS: the pipeline sets it for each row"),
+    ("BENCH: {BENCHMARKS: [voc2099]}", "BENCH.BENCHMARKS voc2099: not one of"),
+    ("BENCH: {LRS: [0.02]}", "BENCH.LRS: pipeline configs now set it as SWEEP.LRS"),
+    ("CPU_JOBS: 2", "CPU_JOBS: pipeline configs now set it as SWEEP.CPU_JOBS"),
+])
+def test_a_sweep_typo_fails_in_one_line_before_any_stage_runs(tmp_path, capsys, text, message):
+    path = _write(tmp_path, f"_BASE_: {MINI}\n{text}\n")
+    assert cli_main("pipeline", "--config", path, "OUTPUT_DIR", tmp_path / "out") == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "out").exists()
 
-    path = _write(tmp_path, f"_BASE_: {MINI}\nBENCH:\n  CFG: {{SOLVER: {{MAX_ITER: 8}}}}\n")
+
+def test_the_pipeline_and_bench_build_the_same_sweep_spec(tmp_path):
+    from app.cli import build_parser, sweep_spec_from_args
+
+    path = _write(tmp_path, f"_BASE_: {MINI}\nFINETUNE:\n  CFG: {{SOLVER: {{MAX_ITER: 8}}}}\n")
     pipeline = Pipeline(load_pipeline_cfg(path, ["OUTPUT_DIR", str(tmp_path / "out")]))
     row = pipeline.rows[1]
-    argv = ["bench", "--benchmark", "coco_1x_mini", "--weights", str(tmp_path / "out/rows/simsiam/weights.pkl"),
-            "--name", "SimSiam R18 (mini)", "--output-dir", str(tmp_path / "out/bench/coco_1x_mini/simsiam"),
-            "--lrs", "0.02,0.05", "--trials", "3", "--search", "best-then-repeat", "--gpus-per-trial", "0",
-            "--datasets", str(tmp_path / "out/data/datasets.yaml"), "--cpu-jobs", str(pipeline.cpu_jobs()),
-            "SOLVER.MAX_ITER", "8"]
-    assert pipeline.sweep_spec("coco_1x_mini", row) == sweep_spec_from_args(build_parser().parse_args(argv))
+    sweep = _write(tmp_path, "FINETUNE:\n  CFG: {SOLVER: {MAX_ITER: 8}}\n", "sweep.yaml")
+    argv = ["bench", "--config", str(sweep), "--benchmark", "coco_1x_mini",
+            "--weights", str(tmp_path / "out/rows/simsiam/weights.pkl"), "--name", "SimSiam R18 (mini)",
+            "--output-dir", str(tmp_path / "out/bench/coco_1x_mini/simsiam"), "--lrs", "0.02,0.05", "--trials", "3",
+            "--search", "best-then-repeat", "--gpus-per-trial", "0",
+            "--datasets", str(tmp_path / "out/data/datasets.yaml"), "--cpu-jobs", str(pipeline.cpu_jobs())]
+    spec = pipeline.sweep_spec("coco_1x_mini", row)
+    assert spec == sweep_spec_from_args(build_parser().parse_args(argv))
+    assert spec.finetune.cfg == {"SOLVER": {"MAX_ITER": 8}} and type(spec.lrs[1]) is float
 
 
 def test_pretraining_runs_as_its_own_process_group():
-    assert pretrain_command("c.yaml", 1) == [sys.executable, "-m", "simsiam_transfer.cli", "pretrain",
+    assert pretrain_command("c.yaml", 1) == [sys.executable, "-m", "app.cli", "pretrain",
                                              "--config", "c.yaml"]
     cmd = pretrain_command("c.yaml", 8)
     assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "8"]
-    assert cmd[-4:] == ["simsiam_transfer.cli", "pretrain", "--config", "c.yaml"]
+    assert cmd[-4:] == ["app.cli", "pretrain", "--config", "c.yaml"]
 
 
 @pytest.mark.slow
@@ -125,11 +150,13 @@ ROWS:
         DATA: {IMAGE_SIZE: 32, NUM_WORKERS: 0}
   scratch: {NAME: "scratch", WEIGHTS: "none"}
 BENCH:
-  GPUS_PER_TRIAL: 0
   BENCHMARKS: ["coco_1x_mini"]
+  TRIALS_PER_BENCHMARK: {coco_1x_mini: 1}
+SWEEP:
+  GPUS_PER_TRIAL: 0
   LRS: [0.02]
   TRIALS: 2
-  TRIALS_PER_BENCHMARK: {coco_1x_mini: 1}
+FINETUNE:
   CFG:
     SOLVER: {MAX_ITER: 4, STEPS: [3], WARMUP_ITERS: 2, CHECKPOINT_PERIOD: 2}
     TEST: {PRECISE_BN: {NUM_ITER: 2}}
@@ -138,9 +165,10 @@ BENCH:
     proc = run_cli("pipeline", "--config", path, "OUTPUT_DIR", out, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = json.loads((out / "pipeline.json").read_text())["stages"]
-    assert state["pretrain:simsiam"]["status"].startswith("done (2 processes each: simsiam (")
-    # Two steps learn nothing: the pipeline says so before any fine-tune is spent on it.
-    assert "[pipeline] WARNING: row simsiam:" in proc.stdout
+    assert state["pretrain:simsiam"]["status"] == "done (2 processes each: simsiam)"
+    # Two steps learn nothing: the converter says so, once, before any fine-tune is spent on it.
+    said = (proc.stdout + proc.stderr).count("WARNING: pretraining loss never went below")
+    assert said == 1, proc.stdout + proc.stderr
     assert all(s["status"].startswith("done") or s["status"].startswith("skipped") for s in state.values())
     assert "pretrain:scratch" not in state and "convert:scratch" not in state
     # Both ranks trained: the checkpoint records the world size through its per-rank RNG states.

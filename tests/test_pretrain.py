@@ -181,7 +181,7 @@ def test_short_cpu_run_writes_metrics_and_checkpoints(synthetic, tmp_path):
     ["MODEL.PREDICTOR", "none", "MODEL.TARGET", "moving_average"], ["SOLVER.WARMUP_EPOCHS", "1", "SOLVER.EPOCHS", "2"],
 ])
 def test_every_ablation_trains(synthetic, tmp_path, ablation):
-    from simsiam_transfer.cli import main
+    from app.cli import main
 
     assert main([str(a) for a in _mini_args(synthetic, tmp_path, "SOLVER.EPOCHS", 1, *ablation)]) == 0
     record = _metrics(tmp_path)[0]
@@ -189,7 +189,7 @@ def test_every_ablation_trains(synthetic, tmp_path, ablation):
 
 
 def test_resume_continues_exactly_where_it_stopped(synthetic, tmp_path):
-    from simsiam_transfer.cli import main
+    from app.cli import main
 
     assert main([str(a) for a in _mini_args(synthetic, tmp_path / "full", "SOLVER.EPOCHS", 3)]) == 0
     # Stop after epoch 1, then the same run with 3 epochs resumes from checkpoint_last.pth.
@@ -205,7 +205,7 @@ def test_resume_continues_exactly_where_it_stopped(synthetic, tmp_path):
 
 def test_sigkill_mid_run_then_rerun_resumes(synthetic, tmp_path):
     args = _mini_args(synthetic, tmp_path, "SOLVER.EPOCHS", 6)
-    exe = [sys.executable, "-m", "simsiam_transfer.cli"]
+    exe = [sys.executable, "-m", "app.cli"]
     proc = subprocess.Popen(exe + [str(a) for a in args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 240

@@ -285,7 +285,7 @@ def test_knn_features_are_split_over_ranks_and_gathered(tmp_path):
 
 def _torchrun(synthetic, out, port, *extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "simsiam_transfer.cli"] + [str(a) for a in _mini_args(synthetic, out, "SOLVER.EPOCHS", 1, *extra)]
+           "-m", "app.cli"] + [str(a) for a in _mini_args(synthetic, out, "SOLVER.EPOCHS", 1, *extra)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
 
 

@@ -9,7 +9,7 @@ import torch
 
 from conftest import cli_main
 from convert.command import check_pretraining_run
-from simsiam_transfer.checkpoints import conversion_warnings
+from simsiam_transfer.d2_weights import conversion_warnings
 from convert.verify import LEARNED_LOSS, decay_only_scale, pretraining_check, residual_scale_stats
 
 
@@ -72,9 +72,9 @@ def test_collapsed_output_is_flagged_even_with_a_low_loss(noop_checkpoint, tmp_p
 
 def test_verdict_thresholds_are_pure_functions():
     one = {"weight": torch.ones(8)}
-    stats = residual_scale_stats({f"layer{s}.0.bn2.weight": one["weight"] for s in range(1, 5)}, "basic")
+    stats = residual_scale_stats({f"layer{s}.0.bn2.weight": one["weight"] for s in range(1, 5)})
     assert len(pretraining_check(stats)["problems"]) == 1  # no history: only the scales speak
-    moved = residual_scale_stats({f"layer{s}.0.bn2.weight": torch.full((8,), 0.9) for s in range(1, 5)}, "basic")
+    moved = residual_scale_stats({f"layer{s}.0.bn2.weight": torch.full((8,), 0.9) for s in range(1, 5)})
     assert pretraining_check(moved, TRAINED, dim=512)["ok"]
     assert not pretraining_check(moved, [{"epoch": 1, "loss": -0.05, "z_std": 0.04}], dim=512)["ok"]
 
@@ -90,11 +90,11 @@ def test_scales_moved_by_weight_decay_alone_are_caught(noop_checkpoint, tmp_path
         g = torch.Generator().manual_seed(1)
         return {f"layer{s}.{b}.bn2.weight": decay + noise * torch.randn(64, generator=g)
                 for s in range(1, 5) for b in range(2)}
-    quiet = residual_scale_stats(backbone(0.001), "basic", decay)
+    quiet = residual_scale_stats(backbone(0.001), decay)
     check = pretraining_check(quiet, history, dim=512, decay_only=decay)
     assert not check["ok"] and len(check["problems"]) == 1 and "weight decay alone" in check["problems"][0]
     assert "0.9930" in check["problems"][0]
-    trained = residual_scale_stats(backbone(0.05), "basic", decay)  # gradient moved them apart
+    trained = residual_scale_stats(backbone(0.05), decay)  # gradient moved them apart
     assert pretraining_check(trained, history, dim=512, decay_only=decay)["ok"]
     assert pretraining_check(quiet, history, dim=512)["ok"]  # no prediction (zero-init or foreign): no verdict
     # Through the checkpoint: the real run's config (ZERO_INIT_RESIDUAL False, wd, momentum) is read.

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import cli_main
 from detection import batch_policy, protocol
-from detection.spec import ExecutorOptions, FinetuneJob, SweepSpec, Trial, sweep_spec_from_args
+from detection.spec import ExecutorOptions, FinetuneJob
 from simsiam_transfer.errors import UserError
 
 VOC07 = "detection/PascalVOC-Detection/faster_rcnn_R_50_C4_voc07.yaml"
@@ -77,39 +77,85 @@ def test_dry_runs_print_the_plan_and_write_nothing(tmp_path, capsys):
 
 
 # -- specs ---------------------------------------------------------------------------------------
-def test_cli_and_keyword_specs_are_the_same(tmp_path):
-    from simsiam_transfer.cli import build_parser
+def test_bench_flags_and_a_bench_yaml_build_the_same_spec(tmp_path):
+    from app.cli import build_parser, sweep_spec_from_args
 
-    args = build_parser().parse_args(
-        ["bench", "--benchmark", "voc07", "--weights", "none", "--output-dir", str(tmp_path / "b"),
-         "--lrs", "0.02,0.05", "--trials", "3", "--search", "full", "--gpus-per-trial", "2",
-         "--executor", "slurm", "--slurm-time", "120", "SOLVER.CHECKPOINT_PERIOD", "500"])
-    by_keywords = SweepSpec(benchmark="voc07", weights="none", output_dir=str(tmp_path / "b"), lrs=[0.02, 0.05],
-                            trials=3, search="full", overrides=["SOLVER.CHECKPOINT_PERIOD", "500"],
-                            executor=ExecutorOptions(kind="slurm", gpus_per_trial=2, slurm_time_min=120))
-    assert sweep_spec_from_args(args) == by_keywords and by_keywords.name == "scratch"
-
-
-def test_trial_argv_rebuilds_the_same_job(tmp_path):
-    from detection.spec import finetune_job_from_args
-    from simsiam_transfer.cli import build_parser
-
-    job = FinetuneJob(config_file=VOC07, weights="none", overrides=("MODEL.X", "1"), num_gpus=4, scaling="linear",
-                      datasets=str(tmp_path / "d.yaml"))
-    trial = Trial(job=job, lr=0.05, trial=2, seed=protocol.trial_seed(2), output_dir=str(tmp_path / "t"))
-    args = build_parser().parse_args(trial.argv())
-    assert finetune_job_from_args(args, args.num_gpus) == trial.finetune_job()
-    assert trial.finetune_job().overrides[-6:] == ("SOLVER.BASE_LR", "0.05", "SEED", "1002", "OUTPUT_DIR", str(tmp_path / "t"))
+    out = str(tmp_path / "b")
+    by_flags = sweep_spec_from_args(build_parser().parse_args(
+        ["bench", "--benchmark", "voc07", "--weights", "none", "--output-dir", out, "--lrs", "0.02,0.05",
+         "--trials", "3", "--search", "full", "--gpus-per-trial", "2", "--executor", "slurm", "--slurm-time",
+         "120", "SOLVER.CHECKPOINT_PERIOD", "500"]))
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"FINETUNE: {{CONFIG: voc07, WEIGHTS: none}}\nSWEEP:\n  OUTPUT_DIR: {out}\n  LRS: [0.02, 0.05]\n"
+                     "  TRIALS: 3\n  SEARCH: full\n  GPUS_PER_TRIAL: 2\n  EXECUTOR: slurm\n  SLURM: {TIME_MIN: 120}\n")
+    by_file = sweep_spec_from_args(build_parser().parse_args(["bench", "--config", str(sweep),
+                                                              "SOLVER.CHECKPOINT_PERIOD", "500"]))
+    assert by_flags == by_file and by_flags.name == "scratch" and by_flags.lrs == (0.02, 0.05)
+    assert by_flags.executor == ExecutorOptions(kind="slurm", gpus_per_trial=2, slurm_time_min=120)
+    assert by_flags.finetune.overrides == ("SOLVER.CHECKPOINT_PERIOD", "500")
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("trials", 0, "--trials must be >= 1"), ("max_retries", -1, "--max-retries"), ("search", "best", "--search"),
-    ("scaling", "sqrt", "--scaling"), ("lrs", (0.1, 0.1), "repeated"), ("benchmark", "voc2099", "--benchmark"),
+def test_the_parser_restates_no_default_and_help_shows_the_schema_s():
+    from app.cli import build_parser
+    from detection import schema
+
+    args = build_parser().parse_args(["bench"])
+    assert schema.flag_values(schema.BENCH_FLAGS, args) == ({}, {})  # nothing given, nothing set
+    bench = build_parser()._subparsers._group_actions[0].choices["bench"]
+    text = bench.format_help().replace("\n", " ")
+    for flag in schema.BENCH_FLAGS:
+        assert flag.key in text
+    assert "default: 5]" in " ".join(text.split()) and f"default: {schema.SWEEP.SLURM.TIME_MIN}]" in text
+
+
+@pytest.mark.parametrize("flags, yaml_text, message", [
+    (["--trials", "0"], None, "--trials 0: must be an integer >= 1"),
+    ([], "SWEEP: {TRIALS: 0}", "sweep.yaml: SWEEP.TRIALS 0: must be an integer >= 1"),
+    (["--lrs", "0.1,0.1"], None, "--lrs 0.1,0.1: a learning rate is repeated"),
+    ([], "SWEEP: {LRS: [0.1, 0.1]}", "sweep.yaml: SWEEP.LRS 0.1,0.1: a learning rate is repeated"),
+    ([], "SWEEP: {LRS: [fast]}", "sweep.yaml: SWEEP.LRS ['fast']: give numbers"),
+    (["--max-retries", "-1"], None, "--max-retries -1: must be an integer >= 0"),
+    ([], "SWEEP: {SEARCH: best}", "sweep.yaml: SWEEP.SEARCH 'best': use one of"),
+    ([], "FINETUNE: {SCALING: sqrt}", "sweep.yaml: FINETUNE.SCALING 'sqrt': use one of faithful, linear"),
+    (["--benchmark", "voc2099"], None, "--benchmark voc2099: not one of"),
+    ([], "FINETUNE: {CONFIG: voc2099}", "sweep.yaml: FINETUNE.CONFIG voc2099: not one of"),
+    (["--cpu-jobs", "2", "--executor", "slurm"], None, "--cpu-jobs 2: runs CPU trials side by side"),
+    ([], "SWEEP: {SLURM: {MEM_PER_GPU_GB: 0}}", "sweep.yaml: SWEEP.SLURM.MEM_PER_GPU_GB 0: must be an integer"),
 ])
-def test_spec_validation(tmp_path, field, value, message):
-    spec = SweepSpec(**{"benchmark": "voc07", "weights": "none", "output_dir": str(tmp_path / "b"), field: value})
-    with pytest.raises(UserError, match=message):
-        spec.validate()
+def test_validation_names_the_flag_or_the_key(tmp_path, flags, yaml_text, message):
+    from app.cli import build_parser, sweep_spec_from_args
+
+    argv = ["bench", "--weights", "none", *flags]
+    if "--benchmark" not in flags:
+        argv += ["--benchmark", "voc07"]
+    argv += ["--output-dir", str(tmp_path / "b")]
+    if yaml_text is not None:
+        (tmp_path / "sweep.yaml").write_text(yaml_text + "\n")
+        argv += ["--config", str(tmp_path / "sweep.yaml")]
+        argv = [a for a in argv if a not in ("--benchmark", "voc07")] if "CONFIG" in yaml_text else argv
+    with pytest.raises(UserError) as err:
+        sweep_spec_from_args(build_parser().parse_args(argv))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_trial_job_file_keeps_the_lr_a_float_and_holds_the_whole_config(tmp_path):
+    from detection.batch_policy import plan_batch
+    from detection.finetune import build_cfg, with_values
+    from detection.job import read_job, write_job
+
+    job = FinetuneJob(config_file="voc07_mini", weights="none", cfg={"SOLVER": {"MAX_ITER": 8}})
+    cfg = with_values(build_cfg(job, cuda=False), {"SOLVER.BASE_LR": 0.05, "SEED": 1002,
+                                                   "OUTPUT_DIR": str(tmp_path / "t")})
+    path = write_job(tmp_path / "t", job, cfg, plan_batch(cfg, 1, "faithful"))
+    import yaml
+
+    written = yaml.safe_load(path.read_text())
+    assert written["detectron2"]["SOLVER"]["BASE_LR"] == 0.05 and type(written["detectron2"]["SOLVER"]["BASE_LR"]) is float
+    assert written["detectron2"]["SOLVER"]["MAX_ITER"] == 8 and written["plan"]["max_iter"] == 8
+    loaded = read_job(path)
+    assert type(loaded.cfg.SOLVER.BASE_LR) is float and loaded.cfg.SOLVER.BASE_LR == 0.05
+    assert yaml.safe_load(loaded.cfg.dump()) == yaml.safe_load(cfg.dump())
+    assert loaded.job.config_file.endswith("faster_rcnn_R_18_C4_voc07_mini.yaml")
 
 
 def test_nothing_in_detection_imports_the_cli_or_the_pipeline():
@@ -120,7 +166,7 @@ def test_nothing_in_detection_imports_the_cli_or_the_pipeline():
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            assert not [n for n in names if n.startswith(("simsiam_transfer.cli", "simsiam_transfer.pipeline"))], path
+            assert not [n for n in names if n.startswith(("app.cli", "app.pipeline"))], path
 
 
 # -- protocol: metrics, search variants, non-finite values ---------------------------------------
@@ -210,14 +256,14 @@ def test_a_box_classifier_still_at_the_class_prior_is_flagged_in_bench_and_repor
 
 # -- resume guard --------------------------------------------------------------------------------
 def test_a_folder_checkpointed_under_another_schedule_is_refused(tmp_path):
-    from detection.finetune import SCHEDULE, check_resume, schedule_record
+    from detection.finetune import SCHEDULE, check_resume
 
     plan = _plan(VOC07, 8)
     check_resume(tmp_path, plan)  # empty folder: a fresh start
-    (tmp_path / SCHEDULE).write_text(json.dumps(schedule_record(_plan(VOC07, 1, "linear"))))
+    (tmp_path / SCHEDULE).write_text(json.dumps(_plan(VOC07, 1, "linear").resume_record()))
     with pytest.raises(UserError, match=r"max_iter 192000 \(now 24000\).*use a new OUTPUT_DIR"):
         check_resume(tmp_path, plan)
-    (tmp_path / SCHEDULE).write_text(json.dumps(schedule_record(plan)))
+    (tmp_path / SCHEDULE).write_text(json.dumps(plan.resume_record()))
     check_resume(tmp_path, plan)
     (tmp_path / SCHEDULE).unlink()  # no record: judge by the checkpoint's iteration
     (tmp_path / "last_checkpoint").write_text("model_0039999.pth")
@@ -254,7 +300,7 @@ def test_parallel_trials_stay_on_the_parents_gpus(monkeypatch):
     assert executors.local_slots("4,5", 2, 1, cpu_jobs=2) == [["4"], ["5"]]
     seen = []
 
-    def fake_trial(trial, env=None):
+    def fake_trial(trial, env=None, children=None):
         seen.append(env["CUDA_VISIBLE_DEVICES"])
         time.sleep(0.2)  # both slots busy at once
         return executors.TrialResult(True)
@@ -275,8 +321,8 @@ def test_slurm_jobs_request_cpus_memory_and_a_common_time_limit(tmp_path, monkey
     srun.write_text("#!/bin/sh\nexit 0\n")
     srun.chmod(0o755)
     monkeypatch.setenv("PATH", f"{srun.parent}:{__import__('os').environ['PATH']}")
-    ex = SubmititExecutor(tmp_path / "jobs", cluster="slurm", gpus_per_trial=4, partition="gpu", timeout_min=120,
-                          cpus_per_gpu=10, mem_per_gpu_gb=64)
+    ex = SubmititExecutor(tmp_path / "jobs", cluster="slurm", gpus_per_trial=4, options=ExecutorOptions(
+        slurm_partition="gpu", slurm_time_min=120, slurm_cpus_per_gpu=10, slurm_mem_per_gpu_gb=64))
     params = ex.executor._executor.parameters
     assert (params["cpus_per_task"], params["mem"], params["gpus_per_node"], params["time"],
             params["partition"]) == (40, "256GB", 4, 120, "gpu")

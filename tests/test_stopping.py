@@ -16,7 +16,7 @@ from conftest import REPO
 from simsiam_transfer.locks import folder_lock
 from simsiam_transfer.stopping import Stopped
 
-CLI = [sys.executable, "-m", "simsiam_transfer.cli"]
+CLI = [sys.executable, "-m", "app.cli"]
 
 
 def processes_mentioning(text: str):

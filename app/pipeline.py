@@ -10,10 +10,12 @@ A pipeline config lists ``ROWS``; each row is one line of the table and gets its
                           the first run needs network, torchvision caches the file
 
 then every row is converted (verified), benchmarked on every ``BENCH.BENCHMARKS`` entry (LR search
-x trials, ``BENCH.TRIALS_PER_BENCHMARK`` per benchmark) and reported. Without GPUs, ``CPU_JOBS`` N
-pretrains up to N rows and runs N fine-tuning trials at a time, each with cores/N threads. Each
-stage resumes on its own, so running the same command again continues at the first unfinished
-stage; ``pipeline.json`` records each stage's status. Layout::
+x trials, ``BENCH.TRIALS_PER_BENCHMARK`` per benchmark) and reported. The sweeps take the detection
+stage's own nodes, ``SWEEP`` and ``FINETUNE`` (``detection.schema``), and every row's sweep is
+validated when the config loads, before anything runs. Without GPUs, ``SWEEP.CPU_JOBS`` N pretrains
+up to N rows and runs N fine-tuning trials at a time, each with cores/N threads. Each stage answers
+whether its outputs are finished, so running the same command again continues at the first
+unfinished stage; ``pipeline.json`` records each stage's status. Layout::
 
     OUTPUT_DIR/data/                          generated datasets (DATA.SYNTHETIC)
     OUTPUT_DIR/rows/<row>/pretrain/           a row's pretraining run
@@ -28,25 +30,25 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torchvision
 
-from convert.command import check_pretraining_run, convert_checkpoint, print_summary
-from detection import protocol
-from detection.bench import Bench
+from convert.command import convert_checkpoint, is_converted, print_summary
+from detection import protocol, schema
+from detection.bench import Bench, finished_summary
 from detection.executors import cpu_thread_env
 from detection.report import load_benches, plot_ap_vs_lr, render
-from detection.spec import ExecutorOptions, SweepSpec
-from pretrain import checkpoint
+from detection.spec import SweepSpec
+from pretrain import outputs as pretrain_outputs
 from pretrain.config import load_cfg as load_pretrain_cfg
 from simsiam_transfer import atomic
-from simsiam_transfer.checkpoints import conversion_report_path
-from simsiam_transfer.config import CfgNode as CN, flatten, load, merge_node
+from simsiam_transfer.config import CfgNode as CN
+from simsiam_transfer.config import load, merge_node
 from simsiam_transfer.errors import UserError
 from simsiam_transfer.stopping import Children, signal_number
-from simsiam_transfer.synthetic import make_synthetic
+from simsiam_transfer.synthetic import is_generated, make_synthetic
 
 _P = CN()
 _P.OUTPUT_DIR = "runs/pipeline"
@@ -57,33 +59,31 @@ _P.DATA.SYNTHETIC_SIZE = CN()     # image counts of the generated data; 0 = the 
 _P.DATA.SYNTHETIC_SIZE.NUM_TRAIN = 0
 _P.DATA.SYNTHETIC_SIZE.NUM_TEST = 0
 _P.DATA.SYNTHETIC_SIZE.NUM_UNLABELED = 0
-_P.DATA.DATASETS = ""            # dataset catalog for fine-tuning (default with SYNTHETIC: the generated one)
-_P.DATA.DATA_ROOT = ""           # root of the standard VOC/COCO folders
 _P.PRETRAIN = CN()
 _P.PRETRAIN.NPROC_PER_NODE = -1  # pretraining processes: -1 = one per visible GPU (1 on CPU)
-# Without GPUs: pretraining rows and fine-tuning trials run CPU_JOBS at a time, each with an equal
-# share of the cores (on 2 cores, two single-thread jobs beat one 2-thread job after the other:
-# 1.25x for mini fine-tunes, 1.48x for bf16 mini pretraining; README, Measured).
-_P.CPU_JOBS = 1
 _P.ROWS = CN(new_allowed=True)   # row id -> _ROW keys; ids name folders, so [A-Za-z0-9._-]
 _P.CONVERT = CN()
 _P.CONVERT.VERIFY = True
 _P.BENCH = CN()
 _P.BENCH.BENCHMARKS = ["voc07", "voc0712", "coco_1x"]
-_P.BENCH.LRS = []                # fine-tuning SOLVER.BASE_LR grid; empty = each config's BASE_LR
-_P.BENCH.TRIALS = 5              # trials at the selected LR
 _P.BENCH.TRIALS_PER_BENCHMARK = CN(new_allowed=True)  # e.g. {coco_1x: 1}: the paper averages only VOC
-_P.BENCH.SEARCH = "best-then-repeat"
-_P.BENCH.METRIC = "bbox/AP"
-_P.BENCH.EXECUTOR = "local"
-_P.BENCH.GPUS_PER_TRIAL = -1     # -1 = bench's default: all visible GPUs (8 on Slurm), 0 on CPU
-_P.BENCH.SCALING = "faithful"    # faithful (the config's batch 16 spread over the GPUs) or linear
-_P.BENCH.MAX_RETRIES = 1
-_P.BENCH.CFG = CN(new_allowed=True)  # nested detectron2 keys applied to every fine-tune
+# The detection stage's nodes, as they are: every sweep of the table takes them. The pipeline fills
+# FINETUNE.CONFIG (each benchmark), FINETUNE.WEIGHTS, SWEEP.NAME and SWEEP.OUTPUT_DIR (each row), and
+# FINETUNE.DATASETS with the generated data's catalog when DATA.SYNTHETIC is on and it is empty.
+_P.SWEEP = schema.SWEEP.clone()
+_P.FINETUNE = schema.FINETUNE.clone()
 _P.REPORT = CN()
 _P.REPORT.FORMAT = "md"
 _P.REPORT.PER_TRIAL = False      # also list each trial's metrics and seed
 _P.REPORT.REFERENCE = ""         # "paper": add the SimSiam paper's published Table 5 rows
+# Keys of earlier pipeline configs and where they live now (one line points there).
+_MOVED = {"BENCH.LRS": "SWEEP.LRS", "BENCH.TRIALS": "SWEEP.TRIALS", "BENCH.SEARCH": "SWEEP.SEARCH",
+          "BENCH.METRIC": "SWEEP.METRIC", "BENCH.EXECUTOR": "SWEEP.EXECUTOR",
+          "BENCH.GPUS_PER_TRIAL": "SWEEP.GPUS_PER_TRIAL", "BENCH.MAX_RETRIES": "SWEEP.MAX_RETRIES",
+          "BENCH.SCALING": "FINETUNE.SCALING", "BENCH.CFG": "FINETUNE.CFG", "CPU_JOBS": "SWEEP.CPU_JOBS",
+          "DATA.DATASETS": "FINETUNE.DATASETS", "DATA.DATA_ROOT": "FINETUNE.DATA_ROOT"}
+# Filled per row and benchmark; a pipeline config that sets them would be silently overwritten.
+_PER_SWEEP = ("FINETUNE.CONFIG", "FINETUNE.WEIGHTS", "SWEEP.NAME", "SWEEP.OUTPUT_DIR")
 
 _ROW = CN()
 _ROW.NAME = ""                   # label in the report (default: the row id)
@@ -131,31 +131,41 @@ def _row(row_id: str, node) -> Row:
 
 
 def _validate(cfg, source):
+    name = schema.namer(source)
     if not len(cfg.ROWS):
         raise UserError(f"{source}: ROWS is empty; list at least one row (see configs/pipeline/mini.yaml)")
-    for row_id, node in cfg.ROWS.items():
-        _row(row_id, node)
+    for key in _PER_SWEEP:
+        if schema.get(cfg, key) != schema.get(_P, key):
+            raise UserError(f"{name(key)}: the pipeline sets it for each row and benchmark; remove it")
     for bm in cfg.BENCH.BENCHMARKS:
-        if bm not in protocol.BENCHMARKS and not bm.endswith((".yaml", ".yml")):
-            raise UserError(f"{source}: BENCH.BENCHMARKS {bm!r} is not one of {sorted(protocol.BENCHMARKS)} "
-                            "nor a .yaml config")
+        schema.resolved_config(bm, name("BENCH.BENCHMARKS"))
     for bm, trials in cfg.BENCH.TRIALS_PER_BENCHMARK.items():
         if bm not in cfg.BENCH.BENCHMARKS:
             raise UserError(f"{source}: BENCH.TRIALS_PER_BENCHMARK.{bm}: not in BENCH.BENCHMARKS")
-        if not isinstance(trials, int) or trials < 1:
+        if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
             raise UserError(f"{source}: BENCH.TRIALS_PER_BENCHMARK.{bm} must be an integer >= 1, got {trials!r}")
-    if not isinstance(cfg.CPU_JOBS, int) or cfg.CPU_JOBS < 1:
-        raise UserError(f"{source}: CPU_JOBS must be an integer >= 1, got {cfg.CPU_JOBS!r}")
-    if cfg.BENCH.LRS:
-        protocol.check_lrs([float(lr) for lr in cfg.BENCH.LRS], ",".join(f"{float(lr):g}" for lr in cfg.BENCH.LRS))
+    schema.validate_sweep(cfg.SWEEP, name)
+    allowed = protocol.allowed_metrics(["coco"], True)
+    if cfg.SWEEP.METRIC not in allowed:
+        raise UserError(f"{name('SWEEP.METRIC')} {cfg.SWEEP.METRIC!r}: use one of {', '.join(allowed)}")
     if cfg.REPORT.REFERENCE not in ("", "paper"):
         raise UserError(f"{source}: REPORT.REFERENCE {cfg.REPORT.REFERENCE!r}: use \"paper\" or leave it empty")
     if cfg.REPORT.FORMAT not in ("md", "csv", "latex"):
         raise UserError(f"{source}: REPORT.FORMAT {cfg.REPORT.FORMAT!r} is not one of md, csv, latex")
+    pipeline = Pipeline(cfg)
+    for bm, row, _ in pipeline.bench_jobs():  # every sweep of the table, before anything runs
+        schema.validate_bench(pipeline.bench_node(bm, row), name)
 
 
 def load_pipeline_cfg(config_file, overrides=()):
-    return load(_P, config_file, overrides, _validate)
+    try:
+        return load(_P, config_file, overrides, _validate)
+    except UserError as exc:
+        for old, new in _MOVED.items():
+            if f"Non-existent config key: {old}" in str(exc):
+                raise UserError(f"{str(exc).split(';')[0]}: pipeline configs now set it as {new} (the detection "
+                                "stage's own SWEEP / FINETUNE nodes)") from None
+        raise
 
 
 def pretrain_processes(requested: int) -> int:
@@ -165,7 +175,7 @@ def pretrain_processes(requested: int) -> int:
 
 def pretrain_command(config_path, nproc: int) -> List[str]:
     """One process runs the CLI directly; several run under torchrun on this node."""
-    cli = ["-m", "simsiam_transfer.cli", "pretrain", "--config", str(config_path)]
+    cli = ["-m", "app.cli", "pretrain", "--config", str(config_path)]
     if nproc == 1:
         return [sys.executable, *cli]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *cli]
@@ -178,6 +188,7 @@ class Pipeline:
         self.rows = [_row(row_id, node) for row_id, node in cfg.ROWS.items()]
         self.state_path = self.out / "pipeline.json"
         self.state = {"stages": {}}
+        self._pretrain_cfgs: Dict[str, CN] = {}
 
     def _mark(self, stage, status, **extra):
         self.state["stages"][stage] = {"status": status, "time": round(time.time(), 1), **extra}
@@ -198,45 +209,46 @@ class Pipeline:
     def stage_data(self):
         if not self.cfg.DATA.SYNTHETIC:
             return "skipped (DATA.SYNTHETIC False)"
-        if (self.data_dir / "datasets.yaml").is_file():
+        if is_generated(self.data_dir):
             return "done earlier"
         sizes = {k.lower(): v for k, v in self.cfg.DATA.SYNTHETIC_SIZE.items() if v > 0}
         make_synthetic(self.data_dir, seed=self.cfg.DATA.SYNTHETIC_SEED, **sizes)
         return "done"
 
     def pretrain_cfg(self, row: Row):
-        """The row's resolved pretraining config; every key error names ``ROWS.<row>.PRETRAIN.CFG``."""
-        overrides = ["OUTPUT_DIR", str(self.row_dir(row) / "pretrain")]
-        if self.cfg.DATA.SYNTHETIC:
-            overrides += ["DATA.TRAIN_DIR", str(self.data_dir / "unlabeled"),
-                          "DATA.KNN_TRAIN_DIR", str(self.data_dir / "labeled/train"),
-                          "DATA.KNN_VAL_DIR", str(self.data_dir / "labeled/val")]
-        return load_pretrain_cfg(row.pretrain_config, overrides,
-                                 nodes=[(row.pretrain_cfg, f"ROWS.{row.id}.PRETRAIN.CFG")])
+        """The row's resolved pretraining config, loaded once; key errors name ``ROWS.<row>.PRETRAIN.CFG``."""
+        if row.id not in self._pretrain_cfgs:
+            overrides = ["OUTPUT_DIR", str(self.row_dir(row) / "pretrain")]
+            if self.cfg.DATA.SYNTHETIC:
+                overrides += ["DATA.TRAIN_DIR", str(self.data_dir / "unlabeled"),
+                              "DATA.KNN_TRAIN_DIR", str(self.data_dir / "labeled/train"),
+                              "DATA.KNN_VAL_DIR", str(self.data_dir / "labeled/val")]
+            self._pretrain_cfgs[row.id] = load_pretrain_cfg(row.pretrain_config, overrides,
+                                                            nodes=[(row.pretrain_cfg, f"ROWS.{row.id}.PRETRAIN.CFG")])
+        return self._pretrain_cfgs[row.id]
 
     def cpu_jobs(self) -> int:
-        """Jobs side by side: CPU_JOBS on a machine without GPUs, else 1 (GPU work has its own knobs)."""
-        return self.cfg.CPU_JOBS if torch.cuda.device_count() == 0 else 1
+        """Jobs side by side: SWEEP.CPU_JOBS on a machine without GPUs, else 1 (GPU work has its own knobs)."""
+        return self.cfg.SWEEP.CPU_JOBS if torch.cuda.device_count() == 0 else 1
 
     def stage_pretrain(self, rows: List[Row]):
-        """Pretrain ``rows``: one after another in this terminal, or side by side (``CPU_JOBS``), each
-        with its share of the cores and its output in ``rows/<row>/pretrain.log``."""
+        """Pretrain ``rows``: one after another in this terminal, or side by side (``SWEEP.CPU_JOBS``),
+        each with its share of the cores and its output in ``rows/<row>/pretrain.log``."""
         todo = []
         for row in rows:
             cfg = self.pretrain_cfg(row)
-            last = Path(cfg.OUTPUT_DIR) / checkpoint.LAST
-            if last.is_file() and checkpoint.load(last)["epoch"] >= cfg.SOLVER.EPOCHS:
+            if pretrain_outputs.is_done(cfg):
                 continue
             config_path = self.row_dir(row) / "pretrain_config.yaml"
             atomic.write_text(config_path, cfg.dump())
-            todo.append((row, cfg, last, config_path))
+            todo.append((row, cfg, config_path))
         if not todo:
             return "done earlier"
         nproc = pretrain_processes(self.cfg.PRETRAIN.NPROC_PER_NODE)
         side_by_side = len(todo) > 1
         running, children = [], Children()
         try:
-            for row, cfg, last, config_path in todo:
+            for row, cfg, config_path in todo:
                 log_path = None
                 if side_by_side:
                     log_path = self.row_dir(row) / "pretrain.log"
@@ -247,36 +259,23 @@ class Pipeline:
                                               stderr=subprocess.STDOUT, env=cpu_thread_env(len(todo)))
                 else:
                     proc = children.popen(pretrain_command(config_path, nproc))
-                running.append((row, cfg, last, log_path, proc))
+                running.append((row, cfg, log_path, proc))
             for *_, proc in running:
                 proc.wait()
         except BaseException as exc:  # stopped: the pretrainings stop too, and keep their checkpoints
             children.stop(signal_number(exc))
             raise
-        notes = []
-        for row, cfg, last, log_path, proc in running:
+        for row, cfg, log_path, proc in running:
             if proc.returncode:
                 where = f"its log: {log_path}" if log_path else "its error is above"
                 raise UserError(f"pretraining of row {row.id} stopped with exit {proc.returncode} ({where}); "
                                 f"fix it and run the pipeline again, it resumes from {cfg.OUTPUT_DIR}")
-            notes.append(f"{row.id}{self._warn_if_not_learned(row, last)}")
         each = f"{nproc} process{'es' if nproc > 1 else ''} each"
-        return f"done ({each}{', side by side' if side_by_side else ''}: {', '.join(notes)})"
-
-    def _warn_if_not_learned(self, row: Row, last: Path) -> str:
-        """The converter's no-op/collapse verdict, right after pretraining: cheap, and before any
-        fine-tune is spent on a run that learned nothing (a no-stop-gradient row collapses by design)."""
-        check = check_pretraining_run(last)
-        for problem in check["problems"]:
-            print(f"[pipeline] WARNING: row {row.id}: {problem}", flush=True)
-        if check["problems"] and check.get("advice"):
-            print(f"[pipeline] {check['advice']}", flush=True)
-        n = len(check["problems"])
-        return f" ({n} warning{'s' if n > 1 else ''})" if n else ""
+        return f"done ({each}{', side by side' if side_by_side else ''}: {', '.join(r.id for r, *_ in running)})"
 
     def _source_checkpoint(self, row: Row) -> Path:
         if row.pretrained_here:
-            return self.row_dir(row) / "pretrain" / checkpoint.LAST
+            return pretrain_outputs.checkpoint_path(self.pretrain_cfg(row))
         if row.weights.startswith("torchvision:"):
             return self._torchvision_checkpoint(row)
         path = Path(row.weights)
@@ -304,17 +303,20 @@ class Pipeline:
         return path
 
     def stage_convert(self, row: Row):
+        """Convert (and verify) the row's checkpoint; its summary prints the converter's verdict on the
+        pretraining (no-op, collapse) once, before any fine-tune is spent on it."""
         source = self._source_checkpoint(row)
-        weights = Path(self.weights_path(row))
-        if (weights.is_file() and conversion_report_path(weights).is_file()
-                and weights.stat().st_mtime >= source.stat().st_mtime):
+        weights = self.weights_path(row)
+        if is_converted(source, weights):
             return "done earlier"
         src = "torchvision" if row.weights.startswith("torchvision:") else row.source
-        print_summary(convert_checkpoint(source, weights, source=src, verify=self.cfg.CONVERT.VERIFY))
-        return "done"
+        report = convert_checkpoint(source, weights, source=src, verify=self.cfg.CONVERT.VERIFY)
+        print_summary(report)
+        n = len(report["warnings"])
+        return "done" + (f" ({n} warning{'s' if n > 1 else ''})" if n else "")
 
     def trials(self, benchmark: str) -> int:
-        return int(self.cfg.BENCH.TRIALS_PER_BENCHMARK.get(benchmark, self.cfg.BENCH.TRIALS))
+        return int(self.cfg.BENCH.TRIALS_PER_BENCHMARK.get(benchmark, self.cfg.SWEEP.TRIALS))
 
     def bench_folder(self, benchmark: str, row: Row) -> Path:
         return self.out / "bench" / Path(benchmark).stem / row.id
@@ -322,23 +324,35 @@ class Pipeline:
     def bench_jobs(self):
         return [(bm, row, self.bench_folder(bm, row)) for bm in self.cfg.BENCH.BENCHMARKS for row in self.rows]
 
+    def bench_node(self, benchmark: str, row: Row) -> CN:
+        """The detection stage's bench node (FINETUNE + SWEEP) of one benchmark and row."""
+        node = schema.BENCH.clone()
+        node.FINETUNE = self.cfg.FINETUNE.clone()
+        node.SWEEP = self.cfg.SWEEP.clone()
+        node.defrost()
+        node.FINETUNE.CONFIG = benchmark
+        node.FINETUNE.WEIGHTS = self.weights_path(row)
+        if not node.FINETUNE.DATASETS and self.cfg.DATA.SYNTHETIC:
+            node.FINETUNE.DATASETS = str(self.data_dir / "datasets.yaml")
+        node.SWEEP.NAME = row.name
+        node.SWEEP.OUTPUT_DIR = str(self.bench_folder(benchmark, row))
+        node.SWEEP.TRIALS = self.trials(benchmark)
+        node.SWEEP.CPU_JOBS = self.cpu_jobs() if node.SWEEP.EXECUTOR == "local" else 1
+        node.freeze()
+        return node
+
     def sweep_spec(self, benchmark: str, row: Row) -> SweepSpec:
-        """The same spec ``bench`` builds from its arguments, for one benchmark and row."""
-        b = self.cfg.BENCH
-        datasets = self.cfg.DATA.DATASETS or (str(self.data_dir / "datasets.yaml") if self.cfg.DATA.SYNTHETIC else "")
-        return SweepSpec(
-            benchmark=benchmark, weights=self.weights_path(row), name=row.name,
-            output_dir=str(self.bench_folder(benchmark, row)), trials=self.trials(benchmark), search=b.SEARCH,
-            metric=b.METRIC, max_retries=b.MAX_RETRIES, lrs=tuple(b.LRS) or None, datasets=datasets or None,
-            data_root=self.cfg.DATA.DATA_ROOT or None, scaling=b.SCALING, overrides=tuple(flatten(b.CFG)),
-            executor=ExecutorOptions(kind=b.EXECUTOR, cpu_jobs=self.cpu_jobs() if b.EXECUTOR == "local" else 1,
-                                     gpus_per_trial=b.GPUS_PER_TRIAL if b.GPUS_PER_TRIAL >= 0 else None))
+        return SweepSpec.from_config(self.bench_node(benchmark, row), label=schema.namer("pipeline config"))
 
     def stage_bench(self, benchmark: str, row: Row):
-        summary = Bench(self.sweep_spec(benchmark, row)).run()
+        spec = self.sweep_spec(benchmark, row)
+        summary = finished_summary(spec)
+        status = "done earlier"
+        if summary is None:
+            summary, status = Bench(spec, echo_conversion_warnings=False).run(), "done"
         if summary["selected_lr"] is None:
-            raise UserError(f"bench {benchmark} / {row.id}: every trial failed; see {self.bench_folder(benchmark, row)}")
-        return "done"
+            raise UserError(f"bench {benchmark} / {row.id}: every trial failed; see {spec.output_dir}")
+        return status
 
     def stage_report(self):
         benches = load_benches([folder for *_, folder in self.bench_jobs()])
@@ -384,4 +398,3 @@ class Pipeline:
                 raise
             self._mark(name, status)
         return self.state
-
