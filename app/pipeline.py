@@ -25,6 +25,7 @@ unfinished stage; ``pipeline.json`` records each stage's status. Layout::
 """
 
 import dataclasses
+import json
 import re
 import subprocess
 import sys
@@ -43,10 +44,12 @@ from detection.report import load_benches, plot_ap_vs_lr, render
 from detection.spec import SweepSpec
 from pretrain import outputs as pretrain_outputs
 from pretrain.config import load_cfg as load_pretrain_cfg
+from pretrain.launch import submit_pretraining
 from simsiam_transfer import atomic
 from simsiam_transfer.config import CfgNode as CN
 from simsiam_transfer.config import load, merge_node
 from simsiam_transfer.errors import UserError
+from simsiam_transfer.jobs import reattach_job
 from simsiam_transfer.stopping import Children, signal_number
 from simsiam_transfer.synthetic import is_generated, make_synthetic
 
@@ -60,7 +63,10 @@ _P.DATA.SYNTHETIC_SIZE.NUM_TRAIN = 0
 _P.DATA.SYNTHETIC_SIZE.NUM_TEST = 0
 _P.DATA.SYNTHETIC_SIZE.NUM_UNLABELED = 0
 _P.PRETRAIN = CN()
-_P.PRETRAIN.NPROC_PER_NODE = -1  # pretraining processes: -1 = one per visible GPU (1 on CPU)
+_P.PRETRAIN.EXECUTOR = ""        # local (torchrun on this node) / slurm / submitit-local; "" = SWEEP.EXECUTOR
+_P.PRETRAIN.NPROC_PER_NODE = -1  # processes (GPUs) per node: -1 = every visible GPU (1 on CPU), 8 on Slurm
+_P.PRETRAIN.NODES = 1            # Slurm nodes of one pretraining job
+_P.PRETRAIN.SLURM = schema.SWEEP.SLURM.clone()  # the job's partition, time limit (requeued: it resumes), CPUs, memory
 _P.ROWS = CN(new_allowed=True)   # row id -> _ROW keys; ids name folders, so [A-Za-z0-9._-]
 _P.CONVERT = CN()
 _P.CONVERT.VERIFY = True
@@ -94,6 +100,8 @@ _ROW.PRETRAIN.CONFIG = ""        # pretraining YAML (a path, or relative to conf
 _ROW.PRETRAIN.CFG = CN(new_allowed=True)  # nested pretraining keys merged over CONFIG
 
 _ROW_ID = re.compile(r"^[A-Za-z0-9._-]+$")
+PROTOCOL_GPUS = 8  # a node of the paper's setup (8 V100)
+POLL_S = 5.0
 
 
 @dataclasses.dataclass
@@ -145,6 +153,17 @@ def _validate(cfg, source):
         if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
             raise UserError(f"{source}: BENCH.TRIALS_PER_BENCHMARK.{bm} must be an integer >= 1, got {trials!r}")
     schema.validate_sweep(cfg.SWEEP, name)
+    if cfg.PRETRAIN.EXECUTOR not in ("", *schema.EXECUTORS):
+        raise UserError(f"{name('PRETRAIN.EXECUTOR')} {cfg.PRETRAIN.EXECUTOR!r}: use one of "
+                        f"{', '.join(schema.EXECUTORS)}, or leave it empty for SWEEP.EXECUTOR")
+    for key in ("PRETRAIN.NODES", "PRETRAIN.SLURM.TIME_MIN", "PRETRAIN.SLURM.CPUS_PER_GPU",
+                "PRETRAIN.SLURM.MEM_PER_GPU_GB"):
+        value = schema.get(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"{name(key)} {value!r}: must be an integer >= 1")
+    if cfg.PRETRAIN.NODES > 1 and (cfg.PRETRAIN.EXECUTOR or cfg.SWEEP.EXECUTOR) != "slurm":
+        raise UserError(f"{name('PRETRAIN.NODES')} {cfg.PRETRAIN.NODES}: several nodes need the slurm executor "
+                        "(the local path is torchrun on this node)")
     allowed = protocol.allowed_metrics(["coco"], True)
     if cfg.SWEEP.METRIC not in allowed:
         raise UserError(f"{name('SWEEP.METRIC')} {cfg.SWEEP.METRIC!r}: use one of {', '.join(allowed)}")
@@ -168,9 +187,12 @@ def load_pipeline_cfg(config_file, overrides=()):
         raise
 
 
-def pretrain_processes(requested: int) -> int:
-    """Processes for a pretraining run: as configured, else one per visible GPU (1 on CPU)."""
-    return requested if requested > 0 else max(1, torch.cuda.device_count())
+def pretrain_processes(requested: int, executor: str = "local") -> int:
+    """Processes per node of a pretraining run: as configured, else one per visible GPU (1 on CPU); on
+    Slurm the protocol's 8 GPUs of a node (the submitting host need not have any)."""
+    if requested > 0:
+        return requested
+    return PROTOCOL_GPUS if executor == "slurm" else max(1, torch.cuda.device_count())
 
 
 def pretrain_command(config_path, nproc: int) -> List[str]:
@@ -187,8 +209,10 @@ class Pipeline:
         self.out = Path(cfg.OUTPUT_DIR)
         self.rows = [_row(row_id, node) for row_id, node in cfg.ROWS.items()]
         self.state_path = self.out / "pipeline.json"
-        self.state = {"stages": {}}
+        self.state: dict = {"stages": {}}
         self._pretrain_cfgs: Dict[str, CN] = {}
+        self._stage = ""
+        self.earlier_state: dict = {}
 
     def _mark(self, stage, status, **extra):
         self.state["stages"][stage] = {"status": status, "time": round(time.time(), 1), **extra}
@@ -244,6 +268,8 @@ class Pipeline:
             todo.append((row, cfg, config_path))
         if not todo:
             return "done earlier"
+        if self.pretrain_executor() != "local":
+            return self._pretrain_as_jobs(todo)
         nproc = pretrain_processes(self.cfg.PRETRAIN.NPROC_PER_NODE)
         side_by_side = len(todo) > 1
         running, children = [], Children()
@@ -272,6 +298,56 @@ class Pipeline:
                                 f"fix it and run the pipeline again, it resumes from {cfg.OUTPUT_DIR}")
         each = f"{nproc} process{'es' if nproc > 1 else ''} each"
         return f"done ({each}{', side by side' if side_by_side else ''}: {', '.join(r.id for r, *_ in running)})"
+
+    def pretrain_executor(self) -> str:
+        return self.cfg.PRETRAIN.EXECUTOR or self.cfg.SWEEP.EXECUTOR
+
+    def _recorded_jobs(self) -> Dict[str, str]:
+        """Job ids an earlier run of this stage submitted (pipeline.json), to wait for instead of resubmitting."""
+        earlier = self.earlier_state.get(self._stage)
+        jobs = earlier.get("jobs") if isinstance(earlier, dict) else None
+        return {str(k): str(v) for k, v in jobs.items()} if isinstance(jobs, dict) else {}
+
+    def _pretrain_as_jobs(self, todo):
+        """Each row's pretraining as a submitit job (Slurm: ``PRETRAIN.NODES`` x a task per GPU), waited for.
+        A stopped pipeline leaves Slurm jobs running and finds them again when run anew."""
+        kind = self.pretrain_executor()
+        cluster = "slurm" if kind == "slurm" else "local"
+        nproc = pretrain_processes(self.cfg.PRETRAIN.NPROC_PER_NODE, kind)
+        gpus = kind == "slurm" or torch.cuda.device_count() > 0
+        recorded, jobs = self._recorded_jobs(), {}
+        for row, _, config_path in todo:
+            folder = self.row_dir(row) / "submitit"
+            job = reattach_job(folder, cluster, recorded[row.id]) if row.id in recorded else None
+            if job is not None:
+                print(f"[pipeline] pretraining {row.id}: waiting for its earlier job {job.job_id}", flush=True)
+            else:
+                job = submit_pretraining(config_path, folder, cluster, self.cfg.PRETRAIN.NODES, nproc, gpus,
+                                         self.cfg.PRETRAIN.SLURM)
+                print(f"[pipeline] pretraining {row.id}: submitted job {job.job_id} ({self.cfg.PRETRAIN.NODES} "
+                      f"node(s) x {nproc} task(s), {kind}); log: {folder}", flush=True)
+            jobs[row.id] = job
+        self._mark(self._stage, "running", jobs={row_id: str(job.job_id) for row_id, job in jobs.items()})
+        try:
+            while not all(job.done() for job in jobs.values()):
+                time.sleep(POLL_S)
+        except KeyboardInterrupt:
+            if cluster == "local":
+                for job in jobs.values():
+                    job.cancel(check=False)
+            else:
+                print(f"[pipeline] the Slurm job(s) {', '.join(str(j.job_id) for j in jobs.values())} keep running; "
+                      "run the pipeline again to wait for them", flush=True)
+            raise
+        for (row, cfg, _), job in zip(todo, jobs.values()):
+            try:
+                job.result()
+            except Exception as exc:  # the job's own error (its traceback is in the job's log)
+                lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+                raise UserError(f"pretraining of row {row.id} failed in job {job.job_id} "
+                                f"({lines[-1][:300] if lines else type(exc).__name__}); see "
+                                f"{self.row_dir(row) / 'submitit'}; run the pipeline again to resume") from None
+        return f"done ({kind}: {', '.join(f'{row_id} job {job.job_id}' for row_id, job in jobs.items())})"
 
     def _source_checkpoint(self, row: Row) -> Path:
         if row.pretrained_here:
@@ -369,7 +445,10 @@ class Pipeline:
         """(stage name, callable) in order; each callable returns its status line."""
         plan = [("data", self.stage_data)]
         here = [row for row in self.rows if row.pretrained_here]
-        jobs = 1 if pretrain_processes(self.cfg.PRETRAIN.NPROC_PER_NODE) > 1 else self.cpu_jobs()
+        local = self.pretrain_executor() == "local"
+        jobs = self.cpu_jobs() if local and pretrain_processes(self.cfg.PRETRAIN.NPROC_PER_NODE) == 1 else 1
+        if not local:
+            jobs = len(here) or 1  # submitted together, waited for together
         for i in range(0, len(here), jobs):
             group = here[i:i + jobs]
             name = f"pretrain:{'+'.join(r.id for r in group)}"
@@ -387,14 +466,20 @@ class Pipeline:
         for row in self.rows:
             if row.pretrained_here:
                 self.pretrain_cfg(row)
+        try:  # what an earlier run recorded (the jobs it submitted), before this run rewrites it
+            self.earlier_state = dict(json.loads(self.state_path.read_text())["stages"])
+        except (OSError, ValueError, KeyError, TypeError):
+            self.earlier_state = {}
         self.out.mkdir(parents=True, exist_ok=True)
         atomic.write_text(self.out / "pipeline_config.yaml", self.cfg.dump())
         for name, stage in self.stages():
+            self._stage = name
             self._mark(name, "running")
             try:
                 status = stage()
             except KeyboardInterrupt:
-                self._mark(name, "stopped")
+                kept = {k: v for k, v in self.state["stages"].get(name, {}).items() if k not in ("status", "time")}
+                self._mark(name, "stopped", **kept)  # submitted jobs stay recorded for the next run
                 raise
             self._mark(name, status)
         return self.state

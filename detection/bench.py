@@ -191,9 +191,13 @@ class Bench:
                 "job": str(Path(trial.output_dir) / JOB_NAME), "metrics": {}, "error": None, "job_id": None,
                 **{k: self.settings[k] for k in SETUP_FIELDS}, **fields}
 
-    def _on_start(self, trial, job_id):
+    def _on_start(self, trial, job_id, reattached=False):
         with self._lock:
             record = self._base_record(trial, status="running", job_id=job_id)
+            if reattached:
+                self.store.put(record)
+                self._say(f"[bench] {trial.id}: reattached to its running job {job_id} (not submitted again)")
+                return
             record["attempt"] += 1
             self.store.put(record)
             self._say(f"[bench] {trial.id}: running (attempt {record['attempt']}, seed {trial.seed})")
@@ -247,9 +251,13 @@ class Bench:
             todo = self._todo(plan)
             if not todo:
                 return
+            records = self.store.records()
+            recorded = {t.id: records[t.id]["job_id"] for t in todo
+                        if records[t.id]["status"] == "running" and records[t.id].get("job_id")}
             for trial in todo:
-                self._write_job(trial)
-            executor.run(todo, self._on_start, self._on_finish)
+                if trial.id not in recorded or not (Path(trial.output_dir) / JOB_NAME).is_file():
+                    self._write_job(trial)
+            executor.run(todo, self._on_start, self._on_finish, recorded_jobs=recorded)
 
     def _executor(self):
         ex, gpus = self.spec.executor, self.settings["gpus_per_trial"]

@@ -22,6 +22,7 @@ from submitit.helpers import Checkpointable
 
 from detection.job import NAME as JOB_NAME
 from detection.spec import ExecutorOptions
+from simsiam_transfer.jobs import reattach_job
 from simsiam_transfer.stopping import Children, install_handlers, signal_number
 
 
@@ -118,7 +119,9 @@ class LocalExecutor:
     def _env(self, gpus):
         return dict(self.cpu_env) if self.cpu_env is not None else {"CUDA_VISIBLE_DEVICES": ",".join(gpus)}
 
-    def run(self, trials, on_start, on_finish):
+    def run(self, trials, on_start, on_finish, recorded_jobs=None):
+        """``recorded_jobs`` is not needed here: a trial orphaned by a killed driver stops itself, and the
+        trial started again waits for its folder's lock."""
         if len(self.slots) == 1:
             for trial in trials:
                 on_start(trial, None)
@@ -176,7 +179,7 @@ class SubmititExecutor:
     def __init__(self, folder, cluster="slurm", gpus_per_trial=0, options: ExecutorOptions = ExecutorOptions(),
                  poll_s=1.0, max_parallel=None):
         self.executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
-        self.cluster = cluster
+        self.folder, self.cluster = Path(folder), cluster
         params = slurm_parameters(gpus_per_trial, options)
         if cluster != "slurm":  # submitit's local executor takes neither a partition nor memory
             params = {k: v for k, v in params.items() if k in ("timeout_min", "tasks_per_node", "nodes",
@@ -186,10 +189,25 @@ class SubmititExecutor:
         # Slurm queues every trial at once; on one machine, jobs run one at a time by default.
         self.max_parallel = max_parallel or (None if cluster == "slurm" else 1)
 
-    def run(self, trials, on_start, on_finish):
+    def reattach(self, job_id):
+        """The recorded job ``job_id`` of an earlier driver, if it still runs or left its result; None when
+        it is gone (the trial is then submitted again)."""
+        return reattach_job(self.folder, self.cluster, job_id)
+
+    def run(self, trials, on_start, on_finish, recorded_jobs=None):
+        """Submit ``trials``; a trial whose ``recorded_jobs`` entry (from the run store) still runs or
+        finished is waited for instead of submitted again, so no two jobs train into one folder."""
         pending = []
+        waiting = []
+        for trial in trials:
+            job = self.reattach(recorded_jobs[trial.id]) if (recorded_jobs or {}).get(trial.id) else None
+            if job is None:
+                waiting.append(trial)
+            else:
+                on_start(trial, str(job.job_id), reattached=True)
+                pending.append((trial, job))
         try:
-            self._run(list(trials), pending, on_start, on_finish)
+            self._run(waiting, pending, on_start, on_finish)
         except BaseException:
             if self.cluster != "slurm":  # local jobs are this machine's processes: stop them
                 for _, job in pending:

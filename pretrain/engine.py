@@ -11,6 +11,7 @@ writes checkpoints atomically. A killed run started again with the same OUTPUT_D
 ``train_step`` is the single SGD step, callable on its own (``benchmarks/pretrain_step.py``).
 """
 
+import contextlib
 import dataclasses
 import functools
 import random
@@ -27,13 +28,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from pretrain import checkpoint
 from pretrain.data import LabeledFolder, TwoViewDataset, check_train_images, eval_transform, simsiam_augmentation
-from pretrain.distributed import cleanup, init_distributed
+from pretrain.distributed import all_reduce_sum, cleanup, init_distributed
 from pretrain.hooks import HookBase, default_hooks
 from pretrain.loss import simsiam_loss
 from pretrain.model import build_model
 from pretrain.schedule import initial_lr
 from pretrain.targets import MovingAverageTargets, alternation
 from simsiam_transfer.errors import UserError
+from simsiam_transfer.locks import folder_lock
 from simsiam_transfer.stopping import deferred_stop
 
 
@@ -283,7 +285,25 @@ class Pretrainer:
         torch.distributed.all_gather_object(states, state)
         return states
 
+    def hold_output_dir(self) -> contextlib.ExitStack:
+        """One run per OUTPUT_DIR: rank 0 takes the folder's lock (or every rank stops with one line naming
+        the holder), before anything is written there."""
+        held, refusal = contextlib.ExitStack(), None
+        if self.dist.is_main:
+            try:
+                held.enter_context(folder_lock(self.out, "pretraining"))
+            except UserError as exc:
+                refusal = exc
+        refused = all_reduce_sum(torch.tensor([float(refusal is not None)], device=self.device), self.dist)
+        if refused.item():
+            held.close()
+            cleanup(self.dist)
+            raise refusal or UserError(f"OUTPUT_DIR {self.out}: another pretraining is writing into it "
+                                       "(rank 0 names it)")
+        return held
+
     def run(self) -> list:
+        held = self.hold_output_dir()
         try:
             self._call("before_train")
             for self.epoch in range(self.start_epoch, self.cfg.SOLVER.EPOCHS):
@@ -296,6 +316,7 @@ class Pretrainer:
                     self._call("after_epoch")
         finally:
             self._call("after_train")
+            held.close()
             cleanup(self.dist)
         return self.history
 
