@@ -98,6 +98,7 @@ _ROW.SOURCE = "auto"             # the converter's --source for WEIGHTS files
 _ROW.PRETRAIN = CN()
 _ROW.PRETRAIN.CONFIG = ""        # pretraining YAML (a path, or relative to configs/)
 _ROW.PRETRAIN.CFG = CN(new_allowed=True)  # nested pretraining keys merged over CONFIG
+_ROW.SWEEP = CN(new_allowed=True)  # SWEEP keys for this row's sweeps only (e.g. a reference row's fixed LR)
 
 _ROW_ID = re.compile(r"^[A-Za-z0-9._-]+$")
 PROTOCOL_GPUS = 8  # a node of the paper's setup (8 V100)
@@ -114,6 +115,7 @@ class Row:
     source: str = "auto"
     pretrain_config: str = ""
     pretrain_cfg: Optional[CN] = None
+    sweep: Optional[CN] = None
 
     @property
     def pretrained_here(self) -> bool:
@@ -134,8 +136,11 @@ def _row(row_id: str, node) -> Row:
                         "and PRETRAIN.CONFIG")
     if cfg.WEIGHTS and len(cfg.PRETRAIN.CFG):
         raise UserError(f"{where}.PRETRAIN.CFG: only rows pretrained here (PRETRAIN.CONFIG) take pretraining keys")
+    for key in ("NAME", "OUTPUT_DIR"):
+        if key in cfg.SWEEP:
+            raise UserError(f"{where}.SWEEP.{key}: the pipeline sets it for each row; use ROWS.{row_id}.NAME")
     return Row(id=row_id, name=cfg.NAME or row_id, weights=cfg.WEIGHTS, source=cfg.SOURCE,
-               pretrain_config=cfg.PRETRAIN.CONFIG, pretrain_cfg=cfg.PRETRAIN.CFG)
+               pretrain_config=cfg.PRETRAIN.CONFIG, pretrain_cfg=cfg.PRETRAIN.CFG, sweep=cfg.SWEEP)
 
 
 def _validate(cfg, source):
@@ -406,13 +411,15 @@ class Pipeline:
         node.FINETUNE = self.cfg.FINETUNE.clone()
         node.SWEEP = self.cfg.SWEEP.clone()
         node.defrost()
+        if row.sweep:
+            merge_node(node.SWEEP, row.sweep, f"ROWS.{row.id}.SWEEP")
         node.FINETUNE.CONFIG = benchmark
         node.FINETUNE.WEIGHTS = self.weights_path(row)
         if not node.FINETUNE.DATASETS and self.cfg.DATA.SYNTHETIC:
             node.FINETUNE.DATASETS = str(self.data_dir / "datasets.yaml")
         node.SWEEP.NAME = row.name
         node.SWEEP.OUTPUT_DIR = str(self.bench_folder(benchmark, row))
-        node.SWEEP.TRIALS = self.trials(benchmark)
+        node.SWEEP.TRIALS = self.trials(benchmark) if not (row.sweep and "TRIALS" in row.sweep) else row.sweep.TRIALS
         node.SWEEP.CPU_JOBS = self.cpu_jobs() if node.SWEEP.EXECUTOR == "local" else 1
         node.freeze()
         return node

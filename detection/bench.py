@@ -36,8 +36,8 @@ from simsiam_transfer.locks import folder_lock
 SETTINGS = "bench.json"
 # Settings that change what a trial computes: a DIR holds one value of each (the effective
 # batch setup included, so trials made with another batch, LR scale or BN group never mix).
-FIXED_SETTINGS = ("benchmark", "config", "weights_sha256", "overrides", "metric", "datasets", "data_root",
-                  *(k for k in SETUP_FIELDS if k != "flags"))
+FIXED_SETTINGS = ("benchmark", "config", "weights_sha256", "overrides", "lrs", "trials", "search", "metric",
+                  "datasets", "data_root", *(k for k in SETUP_FIELDS if k != "flags"))
 PROTOCOL_WORLD_SIZE = 8  # MoCo's detection runs: 8 GPUs x 2 images; a Slurm trial's default
 __all__ = ["Bench", "SweepSpec", "run_bench", "write_outputs"]
 

@@ -152,6 +152,31 @@ def select_lr(records, metric, lrs, mode="full"):
     return max(scored, key=scored.get) if scored else None
 
 
+def expected_max_of_normals(k: int) -> float:
+    """E[max of k independent standard normals] (0 for k = 1; 0.85 for 3): how far the best of k equally
+    good runs sits above their mean, in units of one run's std."""
+    if k <= 1:
+        return 0.0
+    step, total = 0.001, 0.0
+    for i in range(-8000, 8001):  # the integrand is negligible beyond 8 std
+        x = i * step
+        density = math.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+        total += x * k * density * (0.5 * (1 + math.erf(x / math.sqrt(2)))) ** (k - 1) * step
+    return total
+
+
+def selection_bias(search: str, lrs: int, trials: int) -> float:
+    """Expected upward bias of the reported mean from choosing the LR on the same trials, in units of one
+    trial's std, when every LR is equally good: full judges LRs by their n-trial means; best-then-repeat
+    by trial 0, which stays in the mean (1/n of its bias); the independent mode leaves it out."""
+    best = expected_max_of_normals(lrs)
+    if search == "full":
+        return best / math.sqrt(trials)
+    if search == "best-then-repeat":
+        return best / trials
+    return 0.0
+
+
 RULES = {
     "full": "highest mean {m} over all trials of each LR",
     "best-then-repeat": "highest {m} of trial 0 at each LR, then the remaining trials at that LR only; "

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from detection.batch_policy import SETUP_FIELDS
+from detection.protocol import selection_bias
 from detection.protocol import (CELL_METRICS, CLASSIFIER_METRIC, CLASSIFIER_MIN, DEFAULT_METRIC, REPORTED_METRICS,
                                 RULES, TASKS, build_summary, classifier_warning, counts_as_done)
 from detection.runstore import RunStore
@@ -134,6 +135,47 @@ def _diff(summary, task, row):
     return [o["mean"] - r for o, r in zip(ours, ref)]
 
 
+def _bias_notes(benches):
+    """What choosing the LR on the same trials does to each reported mean (``protocol.selection_bias``)."""
+    groups = {}
+    for b in benches:
+        s = b["summary"]
+        lrs, n, search = len(s["lr_search"]), s["metrics"].get(s["selection"]["metric"], {}).get("n") or 0, \
+            s["selection"]["search"]
+        bias = selection_bias(search, lrs, max(n, 1))
+        if lrs > 1 and n and bias > 0:
+            groups.setdefault((search, lrs, n, round(bias, 2)), []).append(f"{s['name']} on {s['benchmark']}")
+    notes = []
+    for (search, lrs, n, bias), cells in groups.items():
+        if n == 1:
+            how = f"each is the best of {lrs} runs at 1 trial"
+        elif search == "best-then-repeat":
+            how = f"the mean of {n} trials includes the selecting trial 0 (best of {lrs} LRs)"
+        else:
+            how = f"the LR with the best {n}-trial mean of {lrs} was kept"
+        notes.append(f"Selection bias ({', '.join(cells)}): {how}; if the LRs were equally good the reported mean "
+                     f"would sit about +{bias:.2f} σ (one trial's std) above a fresh trial's.")
+    return notes
+
+
+def _mixed_setup_notes(benches):
+    """Rows of one benchmark fine-tuned under different setups: their padding and BN statistics differ."""
+    notes = []
+    by_benchmark = {}
+    for b in benches:
+        by_benchmark.setdefault(b["summary"]["benchmark"], set()).add(_setup_text(b["summary"]))
+    for benchmark, setups in by_benchmark.items():
+        if len(setups) > 1:
+            notes.append(f"Rows of {benchmark} mix setups ({'; '.join(sorted(setups))}): images per GPU set how "
+                         "much padding enters BN and PreciseBN statistics, so these rows are not like with like.")
+    return notes
+
+
+def _setup_text(summary):
+    st = summary.get("setup") or {}
+    return f"{st.get('world_size')}×{st.get('ims_per_gpu')}, BN {st.get('bn_group')}"
+
+
 def _notes(benches, reference):
     searches = {b["summary"]["selection"]["search"]: b["summary"]["selection"]["metric"] for b in benches}
     notes = ["Cells: mean ± sample std over the counted trials at the selected fine-tuning LR; n = trials. "
@@ -148,12 +190,15 @@ def _notes(benches, reference):
                      f"{100 * CLASSIFIER_MIN:.0f} % of foreground RoIs their own class ({shares}). Such a cell "
                      "scores proposals and boxes, not classification, and does not rank pre-trainings by what "
                      "they learned of the classes: fine-tune longer (SOLVER.MAX_ITER).")
+    notes += _bias_notes(benches) + _mixed_setup_notes(benches)
     non_finite = sum(len(b["summary"]["trials"]["non_finite"]) for b in benches)
     if non_finite:
         notes.append(f"{non_finite} trial(s) with a NaN/inf selection metric are counted as failed.")
     if reference:
         notes.append("Paper: SimSiam (Chen & He, 2021) Table 5, 200-epoch ImageNet pre-training, VOC the "
-                     "mean of 5 trials, COCO Mask R-CNN R50-C4 1x. Mini benchmarks (generated data) are "
+                     "mean of 5 trials, COCO Mask R-CNN R50-C4 1x. Its scratch and ImageNet supervised rows are "
+                     "MoCo's numbers, fine-tuned at LR 0.02 without a search, and the supervised one may come "
+                     "from other ImageNet weights than a row of ours. Mini benchmarks (generated data) are "
                      "not comparable with it.")
     return notes
 

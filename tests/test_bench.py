@@ -237,6 +237,13 @@ def test_a_folder_holds_one_sweep(local_sweep, synthetic, r18_pkl, capsys, tmp_p
     out, _ = local_sweep
     assert cli_main(*_bench_args(synthetic, r18_pkl, out, "SOLVER.WEIGHT_DECAY", "0.001")) == 2
     assert "use a new --output-dir" in capsys.readouterr().err
+    # The grid, trial count and search are pinned: a rerun cannot move the selection after its repeats ran.
+    args = _bench_args(synthetic, r18_pkl, out)
+    args[args.index("--trials") + 1] = "3"
+    assert cli_main(*args) == 2
+    assert "trials 2 (now 3)" in capsys.readouterr().err
+    assert cli_main(*_bench_args(synthetic, r18_pkl, out, lrs="0.02,0.1")) == 2
+    assert "lrs [0.02, 0.05] (now [0.02, 0.1])" in capsys.readouterr().err
     # A folder started on 8 GPUs (8 x 2 images) refuses a rerun on this 1-process machine.
     settings = json.loads((out / "bench.json").read_text())
     (tmp_path / "eight").mkdir()

@@ -21,8 +21,12 @@ def _write(tmp_path, text, name="p.yaml"):
 
 def test_shipped_pipelines_plan_their_rows_and_trials():
     table5 = Pipeline(load_pipeline_cfg("pipeline/table5.yaml"))
-    assert [r.name for r in table5.rows] == ["scratch", "ImageNet supervised", "SimSiam, base", "SimSiam, optimal"]
+    assert [r.name for r in table5.rows] == ["scratch", "ImageNet supervised (torchvision IMAGENET1K_V1)",
+                                             "SimSiam, base", "SimSiam, optimal"]
     assert table5.trials("voc07") == 5 and table5.trials("voc0712") == 5 and table5.trials("coco_1x") == 1
+    # The paper's reference rows are MoCo's protocol: LR 0.02, no search; SimSiam rows search 3 LRs.
+    assert [table5.sweep_spec("voc07", row).lrs for row in table5.rows] == [(0.02,), (0.02,)] + [(0.02, 0.03, 0.05)] * 2
+    assert table5.sweep_spec("voc07", table5.rows[0]).trials == 5
     optimal = table5.pretrain_cfg(table5.rows[3])
     assert (optimal.SOLVER.BASE_LR, optimal.SOLVER.WEIGHT_DECAY, optimal.SOLVER.FIX_PRED_LR) == (0.5, 1e-5, True)
     assert optimal.DATA.TRAIN_DIR == "datasets/imagenet/train"

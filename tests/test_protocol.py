@@ -395,3 +395,21 @@ def test_more_gpus_per_trial_than_visible_is_refused_before_any_write(tmp_path, 
                     "--gpus-per-trial", "2") == 2
     assert "--gpus-per-trial 2: this machine shows 1 GPU(s)" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_selection_bias_of_each_mode_and_of_mixed_setups_is_stated_under_the_table(two_rows, tmp_path):
+    from detection.report import load_benches, render
+
+    assert protocol.expected_max_of_normals(3) == pytest.approx(0.8463, abs=1e-3)
+    assert protocol.selection_bias("best-then-repeat", 3, 5) == pytest.approx(0.169, abs=1e-3)  # trial 0 in the mean
+    assert protocol.selection_bias("full", 3, 1) == pytest.approx(0.846, abs=1e-3)  # COCO: best of 3 at 1 trial
+    assert protocol.selection_bias("best-then-repeat-independent", 3, 5) == 0.0
+    coco = _bench_folder(tmp_path / "coco", {**_settings(lrs=(0.02, 0.03, 0.05)), "name": "R18 coco"},
+                         [_rec(0.02, 0, 40.0), _rec(0.03, 0, 41.0), _rec(0.05, 0, 42.0)])
+    text = render(load_benches([*two_rows, coco]), "md")
+    assert "Selection bias (R18 on voc07_mini): the mean of 2 trials includes the selecting trial 0 (best of 2 LRs)" \
+           in text and "+0.28 σ" in text
+    assert "Selection bias (R18 coco on voc07_mini): each is the best of 3 runs at 1 trial" in text and "+0.85 σ" in text
+    assert "Rows of voc07_mini mix setups (1×1, BN 1; 1×4, BN 4)" in text
+    single = render(load_benches([two_rows[0]]), "md")
+    assert "mix setups" not in single
