@@ -196,6 +196,9 @@ def validate_finetune(node: CN, name: Namer, prefix: str = "FINETUNE.") -> None:
     for leaf, lowest in (("LAUNCH.NUM_GPUS", -1), ("LAUNCH.NUM_MACHINES", 1), ("LAUNCH.MACHINE_RANK", 0)):
         _int_at_least(node, prefix + leaf, lowest, name, leaf)
     launch = node.LAUNCH
+    if launch.NUM_MACHINES > 1 and launch.DIST_URL == "auto":
+        raise UserError(f"{name(prefix + 'LAUNCH.DIST_URL')} auto: {launch.NUM_MACHINES} machines need the "
+                        "address of machine rank 0 on every machine, e.g. tcp://node01:29500")
     if launch.MACHINE_RANK >= launch.NUM_MACHINES:
         raise UserError(f"{name(prefix + 'LAUNCH.MACHINE_RANK')} {launch.MACHINE_RANK}: must be below the "
                         f"{launch.NUM_MACHINES} machine(s)")

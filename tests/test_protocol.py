@@ -413,3 +413,11 @@ def test_selection_bias_of_each_mode_and_of_mixed_setups_is_stated_under_the_tab
     assert "Rows of voc07_mini mix setups (1×1, BN 1; 1×4, BN 4)" in text
     single = render(load_benches([two_rows[0]]), "md")
     assert "mix setups" not in single
+
+
+def test_a_multi_machine_finetune_without_a_rendezvous_address_is_one_line(capsys):
+    assert cli_main("finetune", "--config", "voc07", "--weights", "none", "--num-machines", "2",
+                    "--machine-rank", "1", "--dry-run") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --dist-url auto: 2 machines need the address of machine rank 0 on every machine, "
+                   "e.g. tcp://node01:29500"]
