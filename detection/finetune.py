@@ -32,6 +32,7 @@ from simsiam_transfer import atomic
 from simsiam_transfer.c4 import check_weights_cover_model, single_process_norm
 from simsiam_transfer.config import merge_file, merge_overrides, resolve_config
 from simsiam_transfer.errors import TrainingDiverged, UserError
+from simsiam_transfer.tf32 import set_tf32
 from simsiam_transfer.versions import library_versions
 
 logger = logging.getLogger("simsiam_transfer.finetune")
@@ -57,6 +58,7 @@ def build_cfg(job, cuda=None):
     ``cuda``: plan as if GPUs are (True) or are not (False) there; default: whether they are.
     """
     cfg = get_cfg()
+    cfg.SOLVER.TF32 = False  # ours: TF32 convolutions and matmuls on CUDA; off = IEEE fp32, as the paper
     merge_file(cfg, job.config_file)
     merge_overrides(cfg, job.overrides)
     cfg.MODEL.WEIGHTS = "" if job.weights == "none" else str(job.weights)
@@ -119,7 +121,8 @@ def preflight(job, cuda=None):
         cfg.freeze()
     batch = batch_policy.plan_batch(cfg, job.world_size, job.scaling)
     if cuda is None:
-        batch_policy.check_fits(batch, batch_policy.visible_gpu_gb())
+        batch_policy.check_gpu_count(job.num_gpus, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+        batch_policy.check_fits(batch, batch_policy.visible_gpu_gib())
     return job, cfg, batch
 
 
@@ -172,6 +175,8 @@ def _worker(job):
 
     register_datasets(job.data_root, job.datasets)
     cfg = build_cfg(job)
+    if cfg.MODEL.DEVICE == "cuda":
+        set_tf32(cfg.SOLVER.TF32)
     default_setup(cfg, argparse_namespace(job))
     start = time.time()
     trainer = Trainer(cfg)
@@ -209,6 +214,8 @@ def write_metrics(cfg, job, results, wall_time_s, storage=None):
         "seed": int(cfg.SEED),
         "weights": job.weights,
         "norm": cfg.MODEL.RESNETS.NORM,
+        "tf32": bool(cfg.SOLVER.TF32) and cfg.MODEL.DEVICE == "cuda",
+        "amp": bool(cfg.SOLVER.AMP.ENABLED),
         **{k: batch[k] for k in protocol.SETUP_KEYS},
         "ims_per_batch": batch["effective_batch"],
         "base_lr": batch["base_lr"],
