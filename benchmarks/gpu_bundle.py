@@ -131,13 +131,24 @@ def fetch_requirement(requirement, compiled, pythons, dest):
     return added
 
 
+def source_files():
+    """The tree's files that git does not ignore (data, runs and environments stay behind)."""
+    try:
+        listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                                capture_output=True, check=True).stdout.decode().split("\0")
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise BundleError(f"git ls-files failed in {REPO} ({exc}); the project wheel is built from a git checkout")
+    return [name for name in listed if name and (REPO / name).is_file()]
+
+
 def build_project_wheel(dest):
     before = set(p.name for p in Path(dest).glob("*.whl"))
     with tempfile.TemporaryDirectory(prefix="project-build-") as tmp:
         # A copy: building in place would leave build/ and *.egg-info in the tree.
         tree = Path(tmp) / "src"
-        shutil.copytree(REPO, tree, ignore=shutil.ignore_patterns(
-            ".git", ".venv*", "gpu_bundle*", "runs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache"))
+        for name in source_files():
+            (tree / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, tree / name)
         _pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(dest), str(tree))
     return _new_wheels(dest, before)
 

@@ -21,7 +21,7 @@ import torch
 
 import _common  # noqa: F401  (puts the repository on sys.path)
 
-VOC_SHAPES = ((375, 500), (500, 375))  # (height, width): landscape and portrait VOC images
+VOC_SHAPES = {"landscape": (375, 500), "portrait": (500, 375)}  # (height, width) of VOC's two image shapes
 PROTOCOL_DETECTOR = "detection/PascalVOC-Detection/faster_rcnn_R_50_C4_voc07.yaml"
 GIB = 2**30
 
@@ -51,8 +51,9 @@ def build_detector(config, overrides=()):
     return cfg, build_model(cfg)
 
 
-def detector_batch(cfg, images, device, seed=0):
-    """``images`` generated inputs in detectron2's format, VOC shapes alternating, resized as in training."""
+def detector_batch(cfg, images, device, shape="landscape", seed=0):
+    """``images`` generated inputs in detectron2's format of one VOC shape (detectron2's loader groups
+    images by aspect ratio, so a batch never mixes them), resized as in training."""
     from detectron2.data import transforms as T
     from detectron2.structures import Boxes, Instances
 
@@ -60,7 +61,7 @@ def detector_batch(cfg, images, device, seed=0):
     resize = T.ResizeShortestEdge(max(cfg.INPUT.MIN_SIZE_TRAIN), cfg.INPUT.MAX_SIZE_TRAIN, "choice")
     batch = []
     for i in range(images):
-        h, w = VOC_SHAPES[i % 2]
+        h, w = VOC_SHAPES[shape]
         pixels = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=gen).numpy()
         transform = resize.get_transform(pixels)
         image = transform.apply_image(pixels)
@@ -75,17 +76,20 @@ def detector_batch(cfg, images, device, seed=0):
 
 def detector_memory(config, counts, iters=2, overrides=()):
     """Peak GPU memory and s/iteration of training steps (forward, backward, SGD) per images-per-GPU count."""
+    from simsiam_transfer.tf32 import set_tf32
+
     device = _device()
+    set_tf32(False)
     cfg, model = build_detector(config, overrides)
     model.to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     rows = []
-    for count in counts:
-        batch = detector_batch(cfg, count, device)
+    for count, shape in ((c, s) for c in counts for s in VOC_SHAPES):
+        batch = detector_batch(cfg, count, device, shape)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        row = {"images": count, "input_hw": [list(b["image"].shape[1:]) for b in batch[:2]]}
+        row = {"images": count, "shape": shape, "input_hw": list(batch[0]["image"].shape[1:])}
         try:
             for i in range(iters):
                 _sync(device)
@@ -104,8 +108,12 @@ def detector_memory(config, counts, iters=2, overrides=()):
             row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / GIB, 2)
         rows.append(row)
         optimizer.zero_grad(set_to_none=True)
+    from detection.batch_policy import estimate_gib_per_gpu
+
+    for row in rows:  # the pre-flight's estimate for the same inputs, to compare with the measured peak
+        row["preflight_gib"] = estimate_gib_per_gpu(row["images"], *row["input_hw"])
     return {"config": config, "norm": cfg.MODEL.RESNETS.NORM, "freeze_at": cfg.MODEL.BACKBONE.FREEZE_AT,
-            "device": str(device), "rows": rows}
+            "device": str(device), "tf32": False, "rows": rows}
 
 
 class SavedTensors:
