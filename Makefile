@@ -24,6 +24,10 @@ REHEARSAL_STAMP := $(REHEARSAL_VENV)/.device-image-packages
 # What the device image holds of what we use (its package list); torch is the build on this disk.
 DEVICE_IMAGE_PACKAGES := numpy pillow pyyaml matplotlib tqdm tensorboard scikit-image tabulate cloudpickle portalocker
 REHEARSAL_OUT ?= runs/gpu_rehearsal
+# The device's CPython 3.12 (pyenv's): no torch for it on this disk, so it imports what needs none.
+PY312 ?= $(shell pyenv prefix 3.12 2>/dev/null)/bin/python3.12
+PY312_VENV ?= .venv-gpu-py312
+PY312_STAMP := $(PY312_VENV)/.device-image-packages
 
 .PHONY: setup demo test test-fast clean gpu-bundle gpu-rehearsal
 
@@ -58,10 +62,19 @@ $(REHEARSAL_STAMP): Makefile
 	$(REHEARSAL_VENV)/bin/python -m pip install -q $(TORCH_PINS) $(SETUPTOOLS_PIN) $(DEVICE_IMAGE_PACKAGES)
 	touch $(REHEARSAL_STAMP)
 
-gpu-rehearsal: gpu-bundle $(REHEARSAL_STAMP)
-	rm -rf $(REHEARSAL_OUT) $(REHEARSAL_OUT)-site
+$(PY312_STAMP): Makefile
+	rm -rf $(PY312_VENV)
+	$(PY312) -m venv $(PY312_VENV)
+	$(PY312_VENV)/bin/python -m pip install -q numpy pillow pyyaml tqdm tabulate portalocker cloudpickle typing_extensions
+	touch $(PY312_STAMP)
+
+gpu-rehearsal: gpu-bundle $(REHEARSAL_STAMP) $(PY312_STAMP)
+	rm -rf $(REHEARSAL_OUT) $(REHEARSAL_OUT)-site $(REHEARSAL_OUT)-site312
+	$(PY312_VENV)/bin/python benchmarks/gpu_bundle.py install --bundle gpu_bundle --target $(REHEARSAL_OUT)-site312
+	PYTHONPATH=$(REHEARSAL_OUT)-site312 $(PY312_VENV)/bin/python benchmarks/gpu_bundle.py imports \
+		--target $(REHEARSAL_OUT)-site312
 	PYTHON=$(REHEARSAL_VENV)/bin/python GPU_SITE=$(CURDIR)/$(REHEARSAL_OUT)-site \
 		bash benchmarks/gpu_check.sh --smoke $(REHEARSAL_OUT)
 
 clean:
-	rm -rf $(VENV) $(REHEARSAL_VENV) gpu_bundle runs .pytest_cache
+	rm -rf $(VENV) $(REHEARSAL_VENV) $(PY312_VENV) gpu_bundle runs .pytest_cache

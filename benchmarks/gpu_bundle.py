@@ -3,6 +3,7 @@
     python benchmarks/gpu_bundle.py build [--out gpu_bundle] [--pythons 3.12,3.11]   (make gpu-bundle)
     python benchmarks/gpu_bundle.py install --bundle gpu_bundle --target DIR          (no network)
     python benchmarks/gpu_bundle.py check [--bundle gpu_bundle]                       (device tags)
+    python benchmarks/gpu_bundle.py imports --target DIR       (under CPython 3.12 here: torch-free imports)
 
 ``build`` needs PyPI and a Python with torch (the project's .venv): compiled wheels are downloaded
 for each ``--pythons`` version (manylinux x86-64), pure-Python ones once (built here with ``pip
@@ -273,6 +274,30 @@ def check(bundle):
     return device
 
 
+# What imports without torch: the rehearsal runs them under CPython 3.12, whose torch is not on this disk.
+TORCH_FREE_IMPORTS = ("pycocotools.mask", "pycocotools.coco", "omegaconf", "antlr4", "fvcore.common.config",
+                      "iopath.common.file_io", "yacs.config", "submitit", "termcolor")
+
+
+def imports(target):
+    """Under the running Python: import the torch-free distributions and byte-compile every installed
+    source file (detectron2's and ours included), so a syntax or import break shows without a GPU."""
+    import compileall
+    import importlib
+
+    for name in TORCH_FREE_IMPORTS:
+        importlib.import_module(name)
+    from omegaconf import OmegaConf  # its grammar runs on antlr4
+
+    OmegaConf.to_yaml(OmegaConf.create({"interpolated": "${x}", "x": 1}), resolve=True)
+    bad = [str(p) for p in sorted(Path(target).iterdir())
+           if p.is_dir() and not p.name.endswith(".dist-info") and p.name != "bin"
+           and not compileall.compile_dir(str(p), quiet=1)]
+    if bad:
+        raise BundleError(f"Python {platform.python_version()} cannot compile: {', '.join(bad)}")
+    return len(TORCH_FREE_IMPORTS)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -285,6 +310,8 @@ def main(argv=None):
     i.add_argument("--target", required=True)
     c = sub.add_parser("check", help="every device wheel installs on CPython 3.12 manylinux x86-64")
     c.add_argument("--bundle", default=str(REPO / "gpu_bundle"))
+    m = sub.add_parser("imports", help="import the torch-free wheels, byte-compile everything (running Python)")
+    m.add_argument("--target", required=True)
     args = parser.parse_args(argv)
     try:
         if args.command == "build":
@@ -293,6 +320,8 @@ def main(argv=None):
             _log(f"{args.out}: {len(manifest['wheels'])} wheels, {manifest['total_bytes'] / 2**20:.1f} MiB")
         elif args.command == "install":
             _log(f"installed {len(install(args.bundle, args.target))} distributions into {args.target}")
+        elif args.command == "imports":
+            _log(f"Python {platform.python_version()}: {imports(args.target)} modules import, every source compiles")
         else:
             _log(f"{len(check(args.bundle))} wheels install on CPython {DEVICE_PYTHON} manylinux x86-64")
     except BundleError as exc:
