@@ -4,6 +4,7 @@
 # and, for the lent GPU machine (docs/gpu.md):
 #   make gpu-bundle      gpu_bundle/: wheels of what the device image lacks (offline install there)
 #   make gpu-rehearsal   a device-like environment here, the bundle installed offline, gpu_check.sh --smoke
+#                        (both in a network namespace with loopback only, where this machine allows it)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -70,10 +71,11 @@ $(PY312_STAMP): Makefile
 
 gpu-rehearsal: gpu-bundle $(REHEARSAL_STAMP) $(PY312_STAMP)
 	rm -rf $(REHEARSAL_OUT) $(REHEARSAL_OUT)-site $(REHEARSAL_OUT)-site312
-	$(PY312_VENV)/bin/python benchmarks/gpu_bundle.py install --bundle gpu_bundle --target $(REHEARSAL_OUT)-site312
+	bash benchmarks/offline.sh $(PY312_VENV)/bin/python benchmarks/gpu_bundle.py install --bundle gpu_bundle \
+		--target $(REHEARSAL_OUT)-site312
 	PYTHONPATH=$(REHEARSAL_OUT)-site312 $(PY312_VENV)/bin/python benchmarks/gpu_bundle.py imports \
 		--target $(REHEARSAL_OUT)-site312
-	PYTHON=$(REHEARSAL_VENV)/bin/python GPU_SITE=$(CURDIR)/$(REHEARSAL_OUT)-site \
+	bash benchmarks/offline.sh env PYTHON=$(REHEARSAL_VENV)/bin/python GPU_SITE=$(CURDIR)/$(REHEARSAL_OUT)-site \
 		bash benchmarks/gpu_check.sh --smoke $(REHEARSAL_OUT)
 
 clean:
