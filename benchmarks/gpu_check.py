@@ -62,7 +62,8 @@ SIZES = {
         pretrain=["MODEL.BACKBONE", "resnet18", "MODEL.ZERO_INIT_RESIDUAL", False, "MODEL.DIM", 512,
                   "MODEL.PRED_DIM", 128, "DATA.IMAGE_SIZE", 64, "SOLVER.BATCH_SIZE", 256, "SOLVER.BASE_LR", 0.1,
                   "SOLVER.FIX_PRED_LR", True, "SOLVER.AMP", True, "DATA.NUM_WORKERS", 10, "MONITOR.KNN_K", 20,
-                  "SOLVER.CHECKPOINT_PERIOD", 1000, "SOLVER.LOG_PERIOD", 20],
+                  "SOLVER.CHECKPOINT_PERIOD", 1000, "SOLVER.LOG_PERIOD", 20,
+                  "DATA.CHECK_IMAGES", "never"],  # just generated; the scan would cost ~4 s per run
         no_sg_epochs=15, simsiam_epochs=(5, 200), supervised_workers=5,
         # 900 iterations at batch 4 (the CPU classifier learned by 600); 3 trials side by side.
         finetune=["SOLVER.MAX_ITER", 900, "SOLVER.STEPS", "(700,)", "SOLVER.WARMUP_ITERS", 50,
