@@ -19,10 +19,14 @@ from typing import Any
 
 from simsiam_transfer.errors import UserError
 
-# Training memory per image of R50-C4 at 800x1333 input: detectron2's model zoo lists
-# R50-C4 1x at 4.8 GB for 2 images per GPU. Scaled by input area; used for every depth
-# (an over-estimate for R18/R34), with SAFETY of the card's memory usable.
-GB_PER_IMAGE_R50_C4 = 2.4
+# Training memory of R50-C4 with trainable BN and nothing frozen (the protocol), in GiB: per 800x1333
+# image, the tensors autograd keeps for backward (4.34 counted on CPU), plus once the weights, gradients
+# and momentum (0.37) (benchmarks/gpu_probes.py activation-count; docs/gpu.md). detectron2's model zoo
+# lists 4.8 GB for 2 images, but with FrozenBN and a frozen stem and res2, which keep far less. Until GPU
+# figures replace it; scaled by input area; used for every depth (an over-estimate for R18/R34), with
+# SAFETY of the card's memory usable.
+GIB_PER_IMAGE_R50_C4 = 4.3
+FIXED_GIB_R50_C4 = 0.4
 REFERENCE_PIXELS = 800 * 1333
 SAFETY = 0.9
 SYNCED_NORMS = ("SyncBN", "naiveSyncBN")
@@ -50,7 +54,7 @@ class BatchPlan:
     steps: tuple[int, ...]
     warmup_iters: int
     config_batch: int  # SOLVER.IMS_PER_BATCH as written (the protocol's batch)
-    est_gb_per_gpu: float
+    est_gib_per_gpu: float
 
     @property
     def flags(self) -> list[str]:
@@ -79,9 +83,12 @@ class BatchPlan:
         return {k: full[k] for k in RESUME_FIELDS}
 
 
-def estimate_gb_per_gpu(ims_per_gpu: int, max_short_side: int, max_long_side: int) -> float:
-    area = max_short_side * max_long_side / REFERENCE_PIXELS
-    return round(GB_PER_IMAGE_R50_C4 * ims_per_gpu * area, 1)
+def gib_per_image(max_short_side: int, max_long_side: int) -> float:
+    return GIB_PER_IMAGE_R50_C4 * max_short_side * max_long_side / REFERENCE_PIXELS
+
+
+def estimate_gib_per_gpu(ims_per_gpu: int, max_short_side: int, max_long_side: int) -> float:
+    return round(FIXED_GIB_R50_C4 + gib_per_image(max_short_side, max_long_side) * ims_per_gpu, 1)
 
 
 def bn_group(norm: str, world_size: int, ims_per_gpu: int) -> int | None:
@@ -117,25 +124,44 @@ def plan_batch(cfg: Any, world_size: int, scaling: str) -> BatchPlan:
         lr_scale=float(eff.SOLVER.BASE_LR) / float(cfg.SOLVER.BASE_LR), max_iter=int(eff.SOLVER.MAX_ITER),
         steps=tuple(int(s) for s in eff.SOLVER.STEPS), warmup_iters=int(eff.SOLVER.WARMUP_ITERS),
         config_batch=batch,
-        est_gb_per_gpu=estimate_gb_per_gpu(per_gpu, max(cfg.INPUT.MIN_SIZE_TRAIN), cfg.INPUT.MAX_SIZE_TRAIN))
+        est_gib_per_gpu=estimate_gib_per_gpu(per_gpu, max(cfg.INPUT.MIN_SIZE_TRAIN), cfg.INPUT.MAX_SIZE_TRAIN))
 
 
 def _divisors(n: int) -> list[str]:
     return [str(d) for d in range(1, min(n, 8) + 1) if n % d == 0]
 
 
-def check_fits(plan: BatchPlan, gpu_gb: float | None) -> None:
-    """Refuse a plan whose images per GPU will not fit the card (None: memory unknown, e.g. CPU)."""
-    if gpu_gb is None or plan.est_gb_per_gpu <= SAFETY * gpu_gb:
+def images_that_fit(gpu_gib: float, per_image_gib: float) -> int:
+    return max(0, int((SAFETY * gpu_gib - FIXED_GIB_R50_C4) // per_image_gib))
+
+
+def check_fits(plan: BatchPlan, gpu_gib: float | None) -> None:
+    """Refuse a plan whose images per GPU will not fit the card (None: memory unknown, e.g. CPU), naming
+    the largest number of images per GPU that fits and the GPUs per trial that gives."""
+    if gpu_gib is None or plan.est_gib_per_gpu <= SAFETY * gpu_gib:
         return
+    per_image = (plan.est_gib_per_gpu - FIXED_GIB_R50_C4) / plan.ims_per_gpu
+    fit = images_that_fit(gpu_gib, per_image)
+    gpus = next((d for d in range(plan.world_size + 1, plan.effective_batch + 1)
+                 if plan.effective_batch % d == 0 and plan.effective_batch // d <= fit), None)
+    option = (f"{gpus} GPUs per trial ({gpus}x{plan.effective_batch // gpus}, --gpus-per-trial {gpus})"
+              if gpus and fit else "more GPUs per trial")
     raise UserError(
-        f"{plan.ims_per_gpu} images per GPU need about {plan.est_gb_per_gpu:g} GB (R50-C4 estimate: "
-        f"{GB_PER_IMAGE_R50_C4:g} GB per 800x1333 image) but the GPU has {gpu_gb:.0f} GB; use more GPUs per "
-        "trial (--gpus-per-trial), --scaling linear (changes the batch and BN group), or a smaller input "
-        "(INPUT.MIN_SIZE_TRAIN / INPUT.MAX_SIZE_TRAIN)")
+        f"{plan.ims_per_gpu} images per GPU need about {plan.est_gib_per_gpu:g} GiB (R50-C4 with trainable BN: "
+        f"{GIB_PER_IMAGE_R50_C4:g} GiB per 800x1333 image) but the GPU has {gpu_gib:.1f} GiB "
+        f"({SAFETY:.0%} usable): {fit} image(s) per GPU fit; use {option}, --scaling linear (changes the "
+        "batch and BN group), or a smaller input (INPUT.MIN_SIZE_TRAIN / INPUT.MAX_SIZE_TRAIN)")
 
 
-def visible_gpu_gb() -> float | None:
+def check_gpu_count(num_gpus: int, visible: int) -> None:
+    """Refuse, before detectron2's ``launch`` starts them, more processes than visible GPUs: two ranks
+    would share a GPU and NCCL stops at the first collective ("Duplicate GPU detected")."""
+    if visible and num_gpus > visible:
+        raise UserError(f"--num-gpus {num_gpus} but {visible} GPU(s) visible: each process needs its own GPU; "
+                        f"use --num-gpus {visible} or fewer, or make more GPUs visible (CUDA_VISIBLE_DEVICES)")
+
+
+def visible_gpu_gib() -> float | None:
     import torch
 
     if not torch.cuda.is_available():

@@ -22,14 +22,13 @@ import time
 from pathlib import Path
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.engine import default_setup, launch
 from detectron2.utils import comm
 
 from detection import batch_policy, protocol
 from detection.datasets import check_dataset_names, register_datasets
-from detection.job import Job, write_job
+from detection.job import Job, new_cfg, write_job
 from detection.spec import FinetuneJob
 from detection.trainer import Trainer
 from simsiam_transfer import atomic
@@ -38,6 +37,7 @@ from simsiam_transfer.config import merge_file, merge_node, merge_overrides, res
 from simsiam_transfer.errors import TrainingDiverged, UserError
 from simsiam_transfer.locks import folder_lock
 from simsiam_transfer.stopping import GRACE_S
+from simsiam_transfer.tf32 import set_tf32
 from simsiam_transfer.versions import library_versions
 
 logger = logging.getLogger("simsiam_transfer.finetune")
@@ -60,7 +60,7 @@ def build_cfg(job, cuda=None):
 
     ``cuda``: plan as if GPUs are (True) or are not (False) there; default: whether they are.
     """
-    cfg = get_cfg()
+    cfg = new_cfg()
     merge_file(cfg, job.config_path)
     if job.cfg:
         merge_node(cfg, job.cfg, "FINETUNE.CFG")
@@ -120,7 +120,8 @@ def preflight(job, cuda=None):
         cfg = with_values(cfg, {"SEED": random.SystemRandom().randrange(2**31)})
     batch = batch_policy.plan_batch(cfg, job.world_size, job.scaling)
     if cuda is None:
-        batch_policy.check_fits(batch, batch_policy.visible_gpu_gb())
+        batch_policy.check_gpu_count(job.num_gpus, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+        batch_policy.check_fits(batch, batch_policy.visible_gpu_gib())
     return cfg, batch
 
 
@@ -179,6 +180,8 @@ def flatten_results(results):
 
 def _worker(job, cfg, batch):
     register_datasets(job.data_root, job.datasets)
+    if cfg.MODEL.DEVICE == "cuda":
+        set_tf32(cfg.SOLVER.TF32)
     default_setup(cfg, argparse_namespace(job))
     start = time.time()
     trainer = Trainer(cfg)
@@ -216,6 +219,8 @@ def write_metrics(cfg, job, batch, results, wall_time_s, storage=None):
         "seed": int(cfg.SEED),
         "weights": job.weights,
         "norm": cfg.MODEL.RESNETS.NORM,
+        "tf32": bool(cfg.SOLVER.TF32) and cfg.MODEL.DEVICE == "cuda",
+        "amp": bool(cfg.SOLVER.AMP.ENABLED),
         **batch.setup(),
         "ims_per_batch": batch.effective_batch,
         "base_lr": batch.base_lr,

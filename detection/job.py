@@ -42,6 +42,13 @@ class Job:
     path: Path
 
 
+def new_cfg() -> CfgNode:
+    """detectron2's default config plus this project's own keys, which every job file holds."""
+    cfg = get_cfg()
+    cfg.SOLVER.TF32 = False  # TF32 convolutions and matmuls on CUDA; off = IEEE fp32, as the paper
+    return cfg
+
+
 def _as_dict(cfg: CfgNode) -> dict:
     return yaml.safe_load(cfg.dump())
 
@@ -80,6 +87,6 @@ def read_job(path) -> Job:
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise UserError(f"{path}: damaged job file ({type(exc).__name__}: {exc}); rerun bench or finetune "
                         "to write it again") from None
-    cfg = merge_node(get_cfg(), detectron2, str(path))
+    cfg = merge_node(new_cfg(), detectron2, str(path))
     cfg.freeze()
     return Job(job=job, cfg=cfg, plan=plan, path=path)

@@ -49,8 +49,10 @@ _C.SOLVER.MOMENTUM = 0.9
 _C.SOLVER.FIX_PRED_LR = False         # predictor lr constant (Table 1c)
 _C.SOLVER.WARMUP_EPOCHS = 0           # linear warmup (paper: 10 for batch >= 1024)
 _C.SOLVER.CHECKPOINT_PERIOD = 10      # numbered checkpoints; checkpoint_last.pth every epoch
-_C.SOLVER.AMP = False                 # mixed precision: fp16 + GradScaler on CUDA, bf16 on CPUs with
-                                      # native bf16; off = fp32 as the official code and the paper
+_C.SOLVER.AMP = False                 # mixed precision: bf16 on GPUs with bf16 (compute capability >= 8.0),
+                                      # fp16 + GradScaler on older GPUs, bf16 on CPUs with native bf16;
+                                      # off = fp32 as the official code and the paper
+_C.SOLVER.TF32 = False                # TF32 convolutions and matmuls on CUDA; off = IEEE fp32 (the paper's V100s)
 _C.SOLVER.LOG_PERIOD = 20             # steps between host reads of loss/z_std (and the finite check)
 _C.SOLVER.MAX_ITERS_PER_EPOCH = 0     # 0 = full epoch; >0 caps iterations (smoke runs)
 

@@ -104,10 +104,27 @@ def device_for(local_rank: int, device_count: int) -> torch.device:
     return torch.device("cuda", local_rank % device_count) if device_count else torch.device("cpu")
 
 
+def check_one_gpu_per_process(env: Mapping[str, str], device_count: int) -> None:
+    """Refuse, before any process group exists, more processes on this machine than visible GPUs:
+    two ranks would share a GPU and NCCL stops at the first collective ("Duplicate GPU detected").
+    torchrun tells each process how many share the machine (LOCAL_WORLD_SIZE); under srun each task
+    may see its own GPU (--gpus-per-task), so nothing is refused there."""
+    local_processes = int(env.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if not device_count or local_processes <= device_count:
+        return
+    if int(env.get("LOCAL_RANK", "0") or 0):
+        raise SystemExit(2)  # local rank 0 says it once
+    raise UserError(f"{local_processes} processes on this machine share {device_count} GPU(s): NCCL needs one GPU "
+                    f"per process; start at most {device_count} (torchrun --nproc_per_node {device_count}) or "
+                    "make more GPUs visible (CUDA_VISIBLE_DEVICES)")
+
+
 def init_distributed() -> DistInfo:
     """Join the process group if launched with several processes; one GPU per process, else CPU."""
     launch = launch_env(os.environ)
-    device = device_for(launch.local_rank, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    device_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    check_one_gpu_per_process(os.environ, device_count)
+    device = device_for(launch.local_rank, device_count)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if launch.world_size > 1 and not dist.is_initialized():

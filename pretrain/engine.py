@@ -26,7 +26,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from pretrain import checkpoint
+from pretrain import checkpoint, memory
 from pretrain.data import LabeledFolder, TwoViewDataset, check_train_images, eval_transform, simsiam_augmentation
 from pretrain.distributed import all_reduce_sum, cleanup, init_distributed
 from pretrain.hooks import HookBase, default_hooks
@@ -37,6 +37,7 @@ from pretrain.targets import MovingAverageTargets, alternation
 from simsiam_transfer.errors import UserError
 from simsiam_transfer.locks import folder_lock
 from simsiam_transfer.stopping import deferred_stop
+from simsiam_transfer.tf32 import set_tf32, tf32_enabled
 
 
 def seed_everything(seed: int) -> None:
@@ -77,16 +78,31 @@ def cpu_supports_bf16() -> bool:
     return bool(check and check())
 
 
+def cuda_supports_bf16(device: torch.device) -> bool:
+    """bf16 tensor cores: compute capability 8.0 (Ampere) and later."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def choose_precision(amp: bool, device: torch.device) -> Precision:
-    """``SOLVER.AMP``: fp16 autocast + GradScaler on CUDA, bf16 autocast on CPUs with native bf16, else fp32."""
+    """``SOLVER.AMP``: on CUDA bf16 autocast (no GradScaler) where the GPU has bf16, else fp16 + GradScaler;
+    bf16 autocast on CPUs with native bf16; else fp32."""
     if not amp:
         return Precision(device.type)
     if device.type == "cuda":
-        return Precision("cuda", torch.float16)
+        return Precision("cuda", torch.bfloat16 if cuda_supports_bf16(device) else torch.float16)
     if device.type == "cpu" and cpu_supports_bf16():
         return Precision("cpu", torch.bfloat16)
     print("warning: SOLVER.AMP is on but this CPU has no native bf16; training in fp32", file=sys.stderr)
     return Precision(device.type)
+
+
+def configure_backends(device: torch.device, tf32: bool) -> None:
+    """On CUDA: cudnn.benchmark on (fixed input shapes; the official code sets it too), TF32 for
+    convolutions and matmuls only when ``SOLVER.TF32`` asks (off = the paper's fp32)."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    set_tf32(tf32)
 
 
 def memory_format(device: torch.device, precision: Precision) -> torch.memory_format:
@@ -158,6 +174,10 @@ class Pretrainer:
         self.out = Path(cfg.OUTPUT_DIR)
         self.device = self.dist.device
         self.precision = choose_precision(bool(cfg.SOLVER.AMP), self.device)
+        configure_backends(self.device, bool(cfg.SOLVER.TF32))
+        # What each epoch's record carries: the arithmetic the numbers were made with.
+        self.provenance = {"precision": self.precision.name,
+                           "tf32": self.device.type == "cuda" and all(tf32_enabled().values())}
         self.per_process_batch = cfg.SOLVER.BATCH_SIZE // self.dist.world_size
         if self.per_process_batch < 1 or cfg.SOLVER.BATCH_SIZE % self.dist.world_size:
             raise UserError(f"SOLVER.BATCH_SIZE {cfg.SOLVER.BATCH_SIZE} must be a positive multiple of the "
@@ -178,6 +198,8 @@ class Pretrainer:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.SOLVER.MAX_ITERS_PER_EPOCH)
 
         self.model = build_model(cfg)
+        memory.check_fits(cfg, self.precision.name, self.dist.world_size,
+                          sum(p.numel() for p in self.model.parameters()), memory.gpu_gib(self.device))
         if self.dist.distributed and self.device.type == "cuda":
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.memory_format = memory_format(self.device, self.precision)
@@ -307,7 +329,7 @@ class Pretrainer:
         try:
             self._call("before_train")
             for self.epoch in range(self.start_epoch, self.cfg.SOLVER.EPOCHS):
-                self.record = {"epoch": self.epoch + 1}
+                self.record = {"epoch": self.epoch + 1, **self.provenance}
                 self._call("before_epoch")
                 start = time.perf_counter()
                 self.train_one_epoch()

@@ -239,7 +239,7 @@ def flat_scalars(record: dict, prefix: str = "") -> dict:
     for key, value in record.items():
         if isinstance(value, dict):
             out.update(flat_scalars(value, f"{prefix}{key}/"))
-        elif key != "epoch":
+        elif key != "epoch" and not isinstance(value, str):  # strings (the precision) are provenance, not curves
             out[prefix + key] = value
     return out
 

@@ -31,6 +31,7 @@ Only the standard library is imported here: this runs before the project is inst
 """
 
 import argparse
+import contextlib
 import hashlib
 import os
 import re
@@ -167,14 +168,28 @@ def fetch_fallback_sdist(dest):
     return archive
 
 
-def install_fallback():
+@contextlib.contextmanager
+def fallback_tree():
+    """The pinned pb1-detectron2 sources, unpacked and patched, in a temporary folder."""
     with tempfile.TemporaryDirectory(prefix="d2-fallback-") as tmp:
         with tarfile.open(fetch_fallback_sdist(tmp)) as tar:
             tar.extractall(tmp, filter="data")
         tree = Path(tmp) / "pb1-detectron2-0.6"
         prepare_fallback_tree(tree)
+        yield tree
+
+
+def install_fallback():
+    with fallback_tree() as tree:
         if _pip("install", "--no-build-isolation", str(tree)) != 0:
             raise InstallError(f"installing the patched {FALLBACK_REQUIREMENT} failed")
+
+
+def build_fallback_wheel(dest):
+    """A wheel of the patched fallback in ``dest`` (pure Python: the device bundle carries it)."""
+    with fallback_tree() as tree:
+        if _pip("wheel", "--no-build-isolation", "--no-deps", "-w", str(dest), str(tree)) != 0:
+            raise InstallError(f"building a wheel of the patched {FALLBACK_REQUIREMENT} failed")
 
 
 def ensure_detectron2(source="auto"):

@@ -187,6 +187,7 @@ def test_voc_faster_rcnn_trains_and_the_voc_evaluator_reports_ap(synthetic, r18_
     assert (metrics["ims_per_batch"], metrics["base_lr"], metrics["max_iter"]) == (2, 0.01, 8)
     assert metrics["seed"] == 7 and len(metrics["config_hash"]) == 16 and metrics["versions"]["detectron2"]
     assert metrics["norm"] == "BN" and metrics["world_size"] == 1 and metrics["scaling"] == "linear"
+    assert metrics["tf32"] is False and metrics["amp"] is False  # precision provenance (SOLVER.TF32 off on CPU)
     assert metrics["bn_group"] == 2 and "batch 2 != 4" in metrics["flags"]
     assert 0.0 <= metrics["train/fg_cls_accuracy"] <= 1.0  # detectron2's own training statistic, kept
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]

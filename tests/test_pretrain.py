@@ -168,6 +168,7 @@ def test_short_cpu_run_writes_metrics_and_checkpoints(synthetic, tmp_path):
     for r in records:
         assert {"epoch", "loss", "z_std", "lr", "knn_top1"} <= set(r)
         assert 0 <= r["knn_top1"] <= 100 and 0 < r["z_std"] < 1 and r["steps"] == 2 and r["time_s"] > 0
+        assert (r["precision"], r["tf32"]) == ("fp32", False)  # the arithmetic, in every record
     ckpt = torch.load(tmp_path / "run/checkpoint_last.pth", weights_only=True)
     assert {"state_dict", "optimizer", "epoch", "config", "versions"} <= set(ckpt)
     assert ckpt["epoch"] == 2 and "encoder.layer1.0.conv1.weight" in ckpt["state_dict"]

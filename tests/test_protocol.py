@@ -52,11 +52,14 @@ def test_batch_that_does_not_split_and_memory_that_does_not_fit_are_refused():
     with pytest.raises(UserError, match="cannot be split over 3 GPUs"):
         _plan(VOC07, 3)
     one_gpu = _plan(VOC07, 1)
-    assert one_gpu.est_gb_per_gpu == pytest.approx(38.4)  # 16 x 2.4 GB (zoo: 4.8 GB for 2 images)
-    batch_policy.check_fits(one_gpu, 80)
+    assert one_gpu.est_gib_per_gpu == pytest.approx(69.2)  # 0.4 + 16 x 4.3 GiB (CPU count, trainable BN)
+    batch_policy.check_fits(one_gpu, 79.6)  # an 80 GB H100: 1x16 fits, at the edge
     batch_policy.check_fits(one_gpu, None)  # CPU / unknown: nothing to check
-    with pytest.raises(UserError, match="more GPUs.*--scaling linear.*smaller input"):
+    with pytest.raises(UserError, match=r"8 image\(s\) per GPU fit; use 2 GPUs per trial \(2x8, --gpus-per-trial 2\)"
+                                        ".*--scaling linear.*smaller input"):
         batch_policy.check_fits(one_gpu, 40)
+    with pytest.raises(UserError, match=r"16 images per GPU need about 69.2 GiB.*4 image\(s\) per GPU fit; use 4 GPUs"):
+        batch_policy.check_fits(one_gpu, 24)  # a 24 GB card
     batch_policy.check_fits(_plan(VOC07, 4), 24)
 
 
