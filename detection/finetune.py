@@ -25,7 +25,7 @@ from detectron2.engine import default_setup, launch
 from detectron2.utils import comm
 
 from detection import batch_policy, protocol
-from detection.datasets import check_dataset_names, register_datasets
+from detection.datasets import check_dataset_contents, check_dataset_names, register_datasets
 from detection.spec import FinetuneJob, finetune_job_from_args
 from detection.trainer import Trainer
 from simsiam_transfer import atomic
@@ -110,6 +110,8 @@ def preflight(job, cuda=None):
                             f"is {cfg.MODEL.ROI_HEADS.NUM_CLASSES}; override it to match")
     if job.weights != "none":
         check_weights_cover_model(job.weights, cfg)
+    for name in dict.fromkeys([*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST]):  # last: it reads every annotation
+        check_dataset_contents(specs[name])
     if cfg.SEED < 0:
         seed = random.SystemRandom().randrange(2**31)
         job = job.with_overrides("SEED", seed)

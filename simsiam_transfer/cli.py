@@ -4,13 +4,12 @@ Exit status (README, "Commands"): 0 success, 2 bad input or usage (one line on s
 traceback, no partial output), 1 anything else.
 """
 
-import argparse
 import logging
 import sys
 import warnings
 
 from simsiam_transfer.checkpoints import SOURCES
-from simsiam_transfer.errors import TrainingDiverged, UserError
+from simsiam_transfer.errors import OneLineArgumentParser, TrainingDiverged, UserError, print_error
 
 
 
@@ -112,7 +111,7 @@ def _pipeline(args):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="simsiam-transfer",
         description="SimSiam pretraining -> detectron2 conversion -> C4 detection-transfer benchmark.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -264,14 +263,17 @@ def main(argv=None):
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     # torch logs "No CUDA runtime is found" whenever detectron2 imports cpp_extension on a CPU machine.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed as one line
+        return int(exc.code or 0)
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc)
         return exc.exit_code
     except TrainingDiverged as exc:
-        print(f"error: training diverged: {exc}", file=sys.stderr)
+        print_error(f"training diverged: {exc}")
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
