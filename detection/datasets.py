@@ -128,12 +128,12 @@ def check_coco_file(json_file, image_root):
     try:
         index = index_coco(read_coco_json(json_file), json_file)
     except RecordError as exc:
-        raise RecordError(exc.kind, f"{exc}; {hint}") from None
+        raise RecordError(exc.kind, f"{exc} ({exc.kind}); {hint}") from None
     corrupt = index.corrupt()
     if corrupt:
         kind, where = corrupt[0]
-        more = f" (and {len(corrupt) - 1} more)" if len(corrupt) > 1 else ""
-        raise RecordError(kind, f"{where}: {kind}{more}; {hint}")
+        more = f", and {len(corrupt) - 1} more corrupt record(s)" if len(corrupt) > 1 else ""
+        raise RecordError(kind, f"{where} ({kind}{more}); {hint}")
     for image in index.images.values():
         path = os.path.join(image_root, image.file_name)
         if not os.path.isfile(path):
@@ -154,7 +154,11 @@ def load_coco_instances(json_file, image_root, name):
 def check_dataset_contents(spec):
     """Read a dataset's annotations as its loader will, refusing the first corrupt record (pre-flight)."""
     if spec["format"] == "voc":
-        load_voc_instances(spec["root"], spec["split"], list(spec["classes"]))
+        try:
+            load_voc_instances(spec["root"], spec["split"], list(spec["classes"]))
+        except RecordError as exc:
+            raise RecordError(exc.kind, f"{exc} ({exc.kind}); run `simsiam-transfer data check --voc {spec['root']} "
+                                        f"--split {spec['split']}`") from None
     else:
         check_coco_file(str(spec["json"]), str(spec["image_root"]))
 

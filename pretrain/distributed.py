@@ -102,8 +102,8 @@ def launch_env(env: Mapping[str, str], first_host=first_slurm_host) -> LaunchEnv
     rank, world_size = _env_int(env, "RANK", 0, 0), _env_int(env, "WORLD_SIZE", 1, 1)
     local_rank = _env_int(env, "LOCAL_RANK", 0, 0)
     if ("RANK" in env) != ("WORLD_SIZE" in env) and (rank > 0 or world_size > 1):
-        given, missing = ("RANK", "WORLD_SIZE") if "RANK" in env else ("WORLD_SIZE", "RANK")
-        raise UserError(f"{given} is set but {missing} is not; launch with torchrun, or set both with "
+        given, absent = ("RANK", "WORLD_SIZE") if "RANK" in env else ("WORLD_SIZE", "RANK")
+        raise UserError(f"{given} is set but {absent} is not; launch with torchrun, or set both with "
                         "MASTER_ADDR and MASTER_PORT")
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun / torch.distributed.launch
         _check_ranks(rank, world_size, f"RANK={rank} WORLD_SIZE={world_size}")

@@ -44,8 +44,11 @@ def resolve_config(name) -> Path:
 
 
 def _first_line(exc) -> str:
-    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-    return str(text).splitlines()[0] if str(text) else type(exc).__name__
+    """A library's message without what it appends on further lines (dumps of whole config nodes); a
+    KeyError's message is the key itself, kept whole (``print_error`` escapes it to one line)."""
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 @contextmanager

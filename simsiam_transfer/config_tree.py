@@ -161,8 +161,8 @@ def value_problem(value, default, keys: Keys) -> Optional[Tuple[Keys, str]]:
         return keys, f"{name}: a single value belongs here (default {brief(default)}), got a section"
     if isinstance(value, (list, tuple)) and (isinstance(default, (list, tuple)) or default is None):
         examples = default or ([EMPTY_LIST_EXAMPLES[name]] if name in EMPTY_LIST_EXAMPLES else [])
-        problem = _list_problem(value, examples, f" (default {default!r})" if default else "")
-        return (keys, f"{name}: {problem}") if problem else None
+        why = _list_problem(value, examples, f" (default {default!r})" if default else "")
+        return (keys, f"{name}: {why}") if why else None
     return None
 
 

@@ -9,7 +9,7 @@ expanded (the "billion laughs" alias bomb, and aliases that contain themselves),
 """
 
 from pathlib import Path
-from typing import Any, List
+from typing import Any, Dict, List
 
 import yaml
 from yaml.nodes import MappingNode, Node, SequenceNode
@@ -77,7 +77,7 @@ class _NodeCheck:
             self._mapping(node, keys, depth)
 
     def _mapping(self, node: MappingNode, keys: List[str], depth: int) -> None:
-        first_line = {}
+        first_line: Dict[Any, int] = {}
         for key_node, value_node in node.value:
             if key_node.tag == _MERGE_TAG:  # "<<: *base": its keys may be overridden here, by design
                 self.walk(value_node, keys, depth + 1)
@@ -107,7 +107,8 @@ def _refused_tag_line(path, exc: yaml.YAMLError) -> str:
         tag = problem.split("tag", 1)[-1].strip(" '").replace("tag:yaml.org,2002:", "!!")
         return (f"{path}{where}: refused the YAML tag {tag}: configs are data and are loaded without "
                 "building Python objects; remove the tag")
-    return f"{path}{where}: not valid YAML ({problem})"
+    context = getattr(exc, "context", None)
+    return f"{path}{where}: not valid YAML ({f'{context}, ' if context else ''}{problem})"
 
 
 def yaml_error_line(path, exc: Exception) -> str:
