@@ -120,15 +120,19 @@ _SOUND_COCO = set()
 def check_coco_file(json_file, image_root):
     """Refuse a COCO json with a corrupt record (``annotations.index_coco``) or a missing image: one line
     naming the record, before training; the geometry ``data check`` also reports is left to detectron2."""
-    stat = os.stat(json_file)
+    hint = _data_check_hint(json_file, image_root)
+    try:
+        stat = os.stat(json_file)
+    except OSError as exc:
+        raise UserError(f"{json_file}: unreadable ({exc.strerror}); {hint}") from None
     key = (os.path.realpath(json_file), stat.st_mtime_ns, stat.st_size, str(image_root))
     if key in _SOUND_COCO:
         return
-    hint = _data_check_hint(json_file, image_root)
     try:
         index = index_coco(read_coco_json(json_file), json_file)
     except RecordError as exc:
-        raise RecordError(exc.kind, f"{exc} ({exc.kind}); {hint}") from None
+        kind = "malformed COCO json" if exc.kind == "malformed JSON" else exc.kind
+        raise RecordError(exc.kind, f"{exc} ({kind}); {hint}") from None
     corrupt = index.corrupt()
     if corrupt:
         kind, where = corrupt[0]

@@ -26,12 +26,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from simsiam_transfer import atomic
 from simsiam_transfer.checkpoints import describe_load_error
 from simsiam_transfer.errors import UserError
 from simsiam_transfer.versions import library_versions
+from simsiam_transfer.yaml_files import parse_yaml
 
 FORMAT = "simsiam-transfer/pretrain-v1"
 LAST = "checkpoint_last.pth"
@@ -125,5 +125,7 @@ def load(path):
 
 def model_settings_changed(saved_config_text, cfg):
     """MODEL.* keys whose value differs between a checkpoint's config and ``cfg``."""
-    saved = yaml.safe_load(saved_config_text).get("MODEL", {})
+    doc = parse_yaml(str(saved_config_text), "the resume checkpoint's config")
+    saved = doc.get("MODEL") if isinstance(doc, dict) else None
+    saved = saved if isinstance(saved, dict) else {}
     return sorted(f"MODEL.{k}: {saved.get(k)!r} -> {v!r}" for k, v in cfg.MODEL.items() if saved.get(k) != v)

@@ -62,13 +62,24 @@ def _tree_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def _no_space(path: Path, exc: OSError, tmp: Path, size: Optional[int]) -> UserError:
+def _no_space(path: Path, exc: OSError, tmp: Optional[Path], size: Optional[int]) -> UserError:
     """One line for a write that ran out of space: what, how much it needs, how much is free."""
-    written = _tree_bytes(tmp) if tmp.exists() else 0
+    written = _tree_bytes(tmp) if tmp is not None and tmp.exists() else 0
     needed = f"needs about {human_bytes(size)}" if size else f"needs more than the {human_bytes(written)} written"
     kept = f"the previous {path.name} is unchanged" if path.exists() else "nothing was written"
     return UserError(f"{path}: could not be written: {exc.strerror} ({needed}, {_free_space(path.parent)} free "
                      f"in {path.parent}); {kept}. Free some space or write elsewhere")
+
+
+def _beside(path: Path, make: Callable[[Path], None], size: Optional[int]) -> Path:
+    """The temporary beside ``path`` (its folder created first); a full disk already here is one line."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return _create_beside(path, make)
+    except OSError as exc:
+        if exc.errno in _NO_SPACE:
+            raise _no_space(path, exc, None, size) from None
+        raise
 
 
 def payload_bytes(obj, _seen=None) -> int:
@@ -84,9 +95,10 @@ def payload_bytes(obj, _seen=None) -> int:
     storage = getattr(obj, "untyped_storage", None)  # a torch tensor; views share one storage
     if callable(storage):
         data = storage()
-        if data.data_ptr() in seen:
+        key = ("storage", data.data_ptr())
+        if key in seen:
             return 0
-        seen.add(data.data_ptr())
+        seen.add(key)
         return int(data.nbytes())
     return int(getattr(obj, "nbytes", 0) or 0)  # a numpy array
 
@@ -96,8 +108,7 @@ def atomic_path(path, size: Optional[int] = None):
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success. ``size``: the
     bytes about to be written, named if the disk fills up."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _create_beside(path, _new_file)
+    tmp = _beside(path, _new_file, size)
     try:
         try:
             yield tmp
@@ -117,8 +128,7 @@ def atomic_path(path, size: Optional[int] = None):
 def atomic_dir(path):
     """Yield a temporary directory beside ``path``; move it onto ``path`` only on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _create_beside(path, _new_folder)
+    tmp = _beside(path, _new_folder, None)
     try:
         try:
             yield tmp

@@ -240,18 +240,18 @@ def training_record(checkpoint) -> Optional[dict]:
     branches' last BN started at zero (None where the config does not say)."""
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("history"), list):
         return None
-    import yaml
+    from simsiam_transfer.yaml_files import parse_yaml
 
     record = {"history": checkpoint["history"], "dim": 0, "weight_decay": 0.0, "momentum": 0.0,
               "zero_init_residual": None}
     try:
-        cfg = yaml.safe_load(checkpoint.get("config") or "")
+        cfg = parse_yaml(str(checkpoint.get("config") or ""), "the checkpoint's config")
         record["dim"] = int(cfg.get("MODEL", {}).get("DIM", 0))
         record["weight_decay"] = float(cfg.get("SOLVER", {}).get("WEIGHT_DECAY", 0.0))
         record["momentum"] = float(cfg.get("SOLVER", {}).get("MOMENTUM", 0.0))
         zero_init = cfg.get("MODEL", {}).get("ZERO_INIT_RESIDUAL")
         record["zero_init_residual"] = zero_init if isinstance(zero_init, bool) else None
-    except (yaml.YAMLError, AttributeError, TypeError, ValueError):
+    except (UserError, AttributeError, TypeError, ValueError):
         pass
     return record
 

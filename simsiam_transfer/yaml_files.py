@@ -9,7 +9,7 @@ expanded (the "billion laughs" alias bomb, and aliases that contain themselves),
 """
 
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Union
 
 import yaml
 from yaml.nodes import MappingNode, Node, SequenceNode
@@ -132,11 +132,9 @@ def _read_bytes(path: Path) -> bytes:
     return data
 
 
-def read_yaml(path) -> Any:
-    """The one document of the YAML file ``path`` (None when it holds none), checked as the module
-    docstring says; every refusal is a ``UserError`` line naming the file."""
-    path = Path(path)
-    data = _read_bytes(path)
+def parse_yaml(data: Union[bytes, str], name) -> Any:
+    """The one document of YAML text ``data`` (None when it holds none), checked as the module
+    docstring says; every refusal is a ``UserError`` line naming ``name``."""
     try:
         loader = _DepthCappedLoader(data)  # reads the first bytes: binary garbage fails here
         try:
@@ -148,4 +146,13 @@ def read_yaml(path) -> Any:
         finally:
             loader.dispose()
     except (yaml.YAMLError, YamlShapeError) as exc:
-        raise UserError(yaml_error_line(path, exc)) from None
+        raise UserError(yaml_error_line(name, exc)) from None
+    except (ValueError, TypeError, AttributeError, OverflowError) as exc:  # what a tagged value's constructor raises
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{name}: a value YAML cannot build ({message[:200]})") from None
+
+
+def read_yaml(path) -> Any:
+    """``parse_yaml`` of the file ``path`` (at most ``MAX_BYTES``, a regular file)."""
+    path = Path(path)
+    return parse_yaml(_read_bytes(path), path)

@@ -272,6 +272,24 @@ def _(c):
     return c.pretrain(config=cfg), [str(cfg)]
 
 
+@case("config/an integer of 5000 digits")
+def _(c):
+    cfg = c.file("big.yaml", "SEED: " + "9" * 5000 + "\n")
+    return c.pretrain(config=cfg), [str(cfg), "a value YAML cannot build", "4300 digits"]
+
+
+@case("config/a tagged value that does not convert")
+def _(c):
+    cfg = c.file("tag.yaml", 'SOLVER:\n  EPOCHS: !!int "many"\n')
+    return c.finetune(config=cfg), [str(cfg), "a value YAML cannot build", "'many'"]
+
+
+@case("config/a date and a set where numbers belong")
+def _(c):
+    cfg = c.file("types.yaml", "SEED: 2001-12-14\nSOLVER:\n  EPOCHS: !!set {a, b}\n")
+    return c.pretrain(config=cfg), [str(cfg), "SEED", "not a valid type"]
+
+
 # -- configs: sections, scalars and list elements of the wrong type --------------------------------
 @case("config/a section where a value belongs")
 def _(c):
@@ -737,7 +755,7 @@ def test_finetune_refuses_corrupt_annotations_before_training(name, tmp_path, sy
     capsys.readouterr()
     status = cli_main(*args)
     line = _assert_one_line_refusal(status, capsys.readouterr(), records)
-    assert kind in line and "data check" in line
+    assert kind.replace("JSON", "COCO json") in line and "data check" in line
     assert _tree(tmp_path) == before and not (tmp_path / "ft").exists()
 
 
@@ -879,3 +897,24 @@ def test_converted_weights_are_readable_by_the_group_under_umask_022(tmp_path):
 def test_escape_controls_leaves_ordinary_text_alone():
     text = "/data/Ünïcode path/ツ.jpg: bbox [1, 2] — fine"
     assert escape_controls(text) == text
+
+
+def test_a_checkpoint_whose_config_text_is_hostile_still_converts(tmp_path, capsys):
+    """The config text inside a pretraining checkpoint is only informative: a YAML bomb or 100,000
+    nested brackets there are ignored, not a RecursionError."""
+    src = Ctx(tmp_path, None, None).r18_checkpoint()
+    for index, text in enumerate(["[" * 100_000, _LAUGHS]):
+        payload = torch.load(src, weights_only=True)
+        payload.update(history=[{"epoch": 1, "loss": -0.5, "z_std": 0.02, "lr": 0.05}], config=text)
+        torch.save(payload, src)
+        assert cli_main("convert", src, tmp_path / f"out{index}.pkl", "--no-verify") == 0, capsys.readouterr().err
+
+
+def test_a_disk_too_full_for_the_temporary_file_is_one_line(tmp_path, monkeypatch):
+    def no_inode(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "open", no_inode)
+    with pytest.raises(UserError, match=r"weights\.pkl: could not be written: No space left on device \(needs "
+                                        r"about 40 bytes, .* free in .*\); nothing was written"):
+        atomic.write_text(tmp_path / "weights.pkl", "x" * 40)
