@@ -10,7 +10,7 @@ from convert.verify import (decay_only_scale, near_identity_warnings, pretrainin
                             verify_detectron2_payload)
 from simsiam_transfer import atomic
 from simsiam_transfer.checkpoints import conversion_report_path, extract_backbone
-from simsiam_transfer.errors import UserError
+from simsiam_transfer.errors import UserError, error_line
 
 
 def convert_checkpoint(input_path, output_path, fmt="detectron2", source="auto", verify=True):
@@ -60,7 +60,7 @@ def print_summary(report, out=None, err=None):
     scales = ", ".join(f"{s} {v['mean']:.3f}" for s, v in report["residual_bn_scale"].items())
     print(f"residual BN scale (mean |gamma| of each branch's last BN): {scales}", file=out)
     for warning in report["warnings"]:
-        print(f"WARNING: {warning}", file=err)
+        print(error_line(warning, prefix="WARNING: "), file=err)
     print(f"wrote:      {report['output']} (+ {conversion_report_path(report['output']).name})", file=out)
 
 
