@@ -10,6 +10,7 @@ import sys
 
 from simsiam_transfer.checkpoints import SOURCES
 from simsiam_transfer.entry import run_entry
+from simsiam_transfer.errors import OneLineArgumentParser
 
 
 def _doctor(args):
@@ -177,7 +178,7 @@ def _sub(sub, name, help_text, examples):
 def build_parser():
     from detection import schema
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="simsiam-transfer",
         description="SimSiam pretraining -> detectron2 conversion -> C4 detection-transfer benchmark.",
         epilog="examples:\n  simsiam-transfer pipeline --config pipeline/mini.yaml\n"
@@ -304,7 +305,10 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed as one line
+        return int(exc.code or 0)
     return run_entry(args.func, args)
 
 

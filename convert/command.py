@@ -11,7 +11,7 @@ from simsiam_transfer import atomic
 from simsiam_transfer.checkpoints import extract_backbone
 from simsiam_transfer.d2_weights import (conversion_report_path, detectron2_payload, write_conversion_report,
                                          write_detectron2_pkl)
-from simsiam_transfer.errors import UserError
+from simsiam_transfer.errors import UserError, error_line
 
 
 def convert_checkpoint(input_path, output_path, fmt="detectron2", source="auto", verify=True):
@@ -61,7 +61,7 @@ def print_summary(report, out=None, err=None):
     scales = ", ".join(f"{s} {v['mean']:.3f}" for s, v in report["residual_bn_scale"].items())
     print(f"residual BN scale (mean |gamma| of each branch's last BN): {scales}", file=out)
     for warning in report["warnings"]:
-        print(f"WARNING: {warning}", file=err)
+        print(error_line(warning, prefix="WARNING: "), file=err)
     print(f"wrote:      {report['output']} (+ {conversion_report_path(report['output']).name})", file=out)
 
 

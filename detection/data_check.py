@@ -5,14 +5,14 @@ annotation id, line); the exit status is 2 when any error is found, 0 otherwise.
 are read from file headers (nothing decoded); ``--images`` decodes every file.
 """
 
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
 
+from detection.annotations import RecordError, box_problem, index_coco, read_coco_json
 from detection.voc import VOC_CLASSES, parse_annotation, read_split_lines, split_path
 from simsiam_transfer import atomic
-from simsiam_transfer.errors import UserError
+from simsiam_transfer.errors import UserError, escape_controls
 from simsiam_transfer.images import check_image_folder, image_size, parallel_map
 
 SHOW_FIRST = 5
@@ -25,7 +25,7 @@ class Report:
         self.counts = defaultdict(int)
 
     def add(self, kind, where):
-        self.problems[kind].append(str(where))
+        self.problems[kind].append(escape_controls(where))  # a hostile file name cannot forge a report line
 
     @property
     def ok(self):
@@ -38,27 +38,13 @@ class Report:
     def print(self, out=None):
         out = out or sys.stdout
         counts = ", ".join(f"{k} {v}" for k, v in self.counts.items())
-        print(f"{self.dataset}: {counts}", file=out)
+        print(f"{escape_controls(self.dataset)}: {counts}", file=out)
         if self.ok:
             print("OK: no problems found", file=out)
         for kind, items in self.problems.items():
             print(f"ERROR {kind}: {len(items)}", file=out)
             for item in items[:SHOW_FIRST]:
                 print(f"    {item}", file=out)
-
-
-def _box_problem(box, width, height, area_box=None):
-    """Kind of problem of an XYXY box in a ``width`` x ``height`` image, or None; the area is judged
-    on ``area_box`` when given (VOC's own 1-based inclusive coordinates)."""
-    x0, y0, x1, y1 = box
-    a0, b0, a1, b1 = area_box or box
-    if a1 < a0 or b1 < b0:
-        return "inverted box"
-    if a1 == a0 or b1 == b0:
-        return "zero-area box"
-    if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
-        return "box outside the image"
-    return None
 
 
 def _check_sizes(report, entries, workers):
@@ -121,8 +107,8 @@ def check_voc(root, splits=None, classes=VOC_CLASSES, workers=0):
                 continue
             try:
                 width, height, objects = parse_annotation(xml_path)
-            except UserError as exc:
-                report.add("malformed XML", exc)
+            except RecordError as exc:
+                report.add(exc.kind, exc)
                 continue
             sizes.append((image, (width, height), f"{xml_path}: <size>"))
             report.counts["objects"] += len(objects)
@@ -132,31 +118,11 @@ def check_voc(root, splits=None, classes=VOC_CLASSES, workers=0):
                     report.add("unknown class", where)
                 x0, y0, x1, y1 = obj["box"]
                 in_file = (x0 + 1, y0 + 1, x1, y1)  # xmin == xmax there is a line, not a box
-                problem = _box_problem(obj["box"], width, height, area_box=in_file)
+                problem = box_problem(obj["box"], width, height, area_box=in_file)
                 if problem:
                     report.add(problem, f"{where}: (xmin, ymin, xmax, ymax) = ({', '.join(f'{v:g}' for v in in_file)})")
     _check_sizes(report, sizes, workers)
     return report
-
-
-def _segmentation_problem(segm):
-    """Why a COCO ``segmentation`` would break training, or None (polygons or an RLE dict are fine)."""
-    if isinstance(segm, str):
-        return "segmentation is a string", "expected a list of polygons or an RLE dict"
-    if isinstance(segm, dict):
-        if not {"counts", "size"} <= set(segm):
-            return "malformed segmentation", "an RLE dict needs 'counts' and 'size'"
-        return None
-    if not isinstance(segm, list):
-        return "malformed segmentation", f"a {type(segm).__name__}, expected a list of polygons or an RLE dict"
-    for index, polygon in enumerate(segm):
-        if not isinstance(polygon, list) or not all(isinstance(v, (int, float)) for v in polygon):
-            return "malformed segmentation", f"polygon {index} is not a list of numbers"
-        if len(polygon) % 2:
-            return "polygon with an odd number of values", f"polygon {index} has {len(polygon)} values"
-        if len(polygon) < 6:
-            return "polygon with fewer than 3 points", f"polygon {index} has {len(polygon)} values"
-    return None
 
 
 def _inside(path, root):
@@ -171,81 +137,25 @@ def check_coco(json_path, image_root, workers=0):
     json_path, image_root = Path(json_path), Path(image_root)
     report = Report(f"COCO {json_path}")
     try:
-        doc = json.loads(json_path.read_text())
-    except OSError as exc:
-        report.add("unreadable json", f"{json_path}: {exc.strerror}")
+        doc = read_coco_json(json_path)
+    except RecordError as exc:
+        report.add(exc.kind, exc)
         return report
-    except UnicodeDecodeError:
-        report.add("malformed JSON", f"{json_path}: not UTF-8 text")
-        return report
-    except json.JSONDecodeError as exc:
-        report.add("malformed JSON", f"{json_path}: {exc}")
-        return report
-    if not isinstance(doc, dict) or not all(isinstance(doc.get(k), list) for k in ("images", "annotations", "categories")):
-        report.add("malformed JSON", f"{json_path}: needs lists 'images', 'annotations', 'categories'")
-        return report
-    images, sizes = {}, []
-    for index, img in enumerate(doc["images"]):
-        try:
-            image_id, file_name = img["id"], str(img["file_name"])
-            width, height = float(img["width"]), float(img["height"])
-        except (KeyError, TypeError, ValueError):
-            report.add("malformed image entry", f"{json_path}: images[{index}]: {str(img)[:80]}")
-            continue
-        where = f"{json_path}: image id {image_id}"
-        if image_id in images:
-            report.add("duplicate image id", f"{where}: {file_name} and {images[image_id][0]} (one would be dropped)")
-            continue
-        images[image_id] = (file_name, width, height)
-        path = image_root / file_name
+    index = index_coco(doc, json_path)
+    for kind, where in index.problems:
+        report.add(kind, where)
+    sizes = []
+    for image in index.images.values():
+        path = image_root / image.file_name
         if not _inside(path, image_root):
-            report.add("file_name outside the image root", f"{where}: {file_name} is not under {image_root}")
+            report.add("file_name outside the image root", f"{image.where}: {image.file_name} is not under {image_root}")
         elif not path.is_file():
-            report.add("missing image", f"{path} ({where})")
+            report.add("missing image", f"{path} ({image.where})")
         else:
-            sizes.append((path, (width, height), where))
-    categories, names = set(), {}
-    for index, cat in enumerate(doc["categories"]):
-        if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
-            report.add("malformed category", f"{json_path}: categories[{index}]: {str(cat)[:80]}")
-            continue
-        if cat["id"] in categories:
-            report.add("duplicate category id", f"{json_path}: category id {cat['id']}")
-        categories.add(cat["id"])
-        if cat["name"] in names:
-            report.add("duplicate category name",
-                       f"{json_path}: category {cat['name']!r} has ids {names[cat['name']]} and {cat['id']}")
-        names.setdefault(cat["name"], cat["id"])
-    report.counts["images"] = len(images)
+            sizes.append((path, (image.width, image.height), image.where))
+    report.counts["images"] = len(index.images)
     report.counts["annotations"] = len(doc["annotations"])
-    report.counts["categories"] = len(categories)
-    if not images:
-        report.add("empty split", f"{json_path}: no images")
-    annotation_ids = set()
-    for index, ann in enumerate(doc["annotations"]):
-        try:
-            x, y, w, h = (float(v) for v in ann["bbox"])
-            image = images.get(ann["image_id"])
-            category = ann["category_id"]
-        except (KeyError, TypeError, ValueError):
-            report.add("malformed annotation", f"{json_path}: annotations[{index}]: {str(ann)[:80]}")
-            continue
-        where = f"{json_path}: annotation id {ann.get('id')} (image id {ann['image_id']})"
-        if ann.get("id") in annotation_ids:
-            report.add("duplicate annotation id", where)
-        annotation_ids.add(ann.get("id"))
-        if image is None:
-            report.add("annotation of unknown image", where)
-            continue
-        if category not in categories:
-            report.add("unknown class", f"{where}: category {category}")
-        if "segmentation" in ann:
-            problem = _segmentation_problem(ann["segmentation"])
-            if problem:
-                report.add(problem[0], f"{where}: {problem[1]}")
-        problem = _box_problem((x, y, x + w, y + h), image[1], image[2])
-        if problem:
-            report.add(problem, f"{where} on {image[0]}: bbox {[x, y, w, h]}")
+    report.counts["categories"] = len(index.categories)
     _check_sizes(report, sizes, workers)
     return report
 

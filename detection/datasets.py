@@ -30,6 +30,7 @@ from pathlib import Path
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
+from detection.annotations import RecordError, index_coco, read_coco_json
 from detection.voc import VOC_CLASSES, load_voc_instances
 from simsiam_transfer.config import safe_yaml
 from simsiam_transfer.errors import UserError
@@ -107,17 +108,63 @@ def load_catalog(path):
     return specs
 
 
-def load_coco_instances(json_file, image_root, name):
-    """detectron2's COCO loader, with one clear error for a malformed json or a missing image."""
-    hint = f"run `simsiam-transfer data check --coco {json_file} --image-root {image_root}`"
+def _data_check_hint(json_file, image_root) -> str:
+    return f"run `simsiam-transfer data check --coco {json_file} --image-root {image_root}`"
+
+
+# (file, mtime, size) of the COCO jsons this process found sound: the pre-flight's check is not redone
+# by an in-process worker's loader.
+_SOUND_COCO = set()
+
+
+def check_coco_file(json_file, image_root):
+    """Refuse a COCO json with a corrupt record (``annotations.index_coco``) or a missing image: one line
+    naming the record, before training; the geometry ``data check`` also reports is left to detectron2."""
+    hint = _data_check_hint(json_file, image_root)
     try:
-        dicts = load_coco_json(json_file, image_root, name)
-    except (ValueError, KeyError, TypeError, AssertionError) as exc:  # JSONDecodeError is a ValueError
-        raise UserError(f"{json_file}: malformed COCO json ({type(exc).__name__}: {str(exc)[:120]}); {hint}") from None
-    for record in dicts:
-        if not os.path.isfile(record["file_name"]):
-            raise UserError(f"{record['file_name']}: image listed in {json_file} is missing; {hint}")
-    return dicts
+        stat = os.stat(json_file)
+    except OSError as exc:
+        raise UserError(f"{json_file}: unreadable ({exc.strerror}); {hint}") from None
+    key = (os.path.realpath(json_file), stat.st_mtime_ns, stat.st_size, str(image_root))
+    if key in _SOUND_COCO:
+        return
+    try:
+        index = index_coco(read_coco_json(json_file), json_file)
+    except RecordError as exc:
+        kind = "malformed COCO json" if exc.kind == "malformed JSON" else exc.kind
+        raise RecordError(exc.kind, f"{exc} ({kind}); {hint}") from None
+    corrupt = index.corrupt()
+    if corrupt:
+        kind, where = corrupt[0]
+        more = f", and {len(corrupt) - 1} more corrupt record(s)" if len(corrupt) > 1 else ""
+        raise RecordError(kind, f"{where} ({kind}{more}); {hint}")
+    for image in index.images.values():
+        path = os.path.join(image_root, image.file_name)
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: image listed in {json_file} is missing; {hint}")
+    _SOUND_COCO.add(key)
+
+
+def load_coco_instances(json_file, image_root, name):
+    """detectron2's COCO loader, on a json ``check_coco_file`` found sound."""
+    check_coco_file(json_file, image_root)
+    try:
+        return load_coco_json(json_file, image_root, name)
+    except (ValueError, KeyError, TypeError, AssertionError) as exc:
+        raise UserError(f"{json_file}: malformed COCO json ({type(exc).__name__}: {str(exc)[:120]}); "
+                        f"{_data_check_hint(json_file, image_root)}") from None
+
+
+def check_dataset_contents(spec):
+    """Read a dataset's annotations as its loader will, refusing the first corrupt record (pre-flight)."""
+    if spec["format"] == "voc":
+        try:
+            load_voc_instances(spec["root"], spec["split"], list(spec["classes"]))
+        except RecordError as exc:
+            raise RecordError(exc.kind, f"{exc} ({exc.kind}); run `simsiam-transfer data check --voc {spec['root']} "
+                                        f"--split {spec['split']}`") from None
+    else:
+        check_coco_file(str(spec["json"]), str(spec["image_root"]))
 
 
 def _replace(name, loader, **metadata):

@@ -27,7 +27,7 @@ from detectron2.engine import default_setup, launch
 from detectron2.utils import comm
 
 from detection import batch_policy, protocol
-from detection.datasets import check_dataset_names, register_datasets
+from detection.datasets import check_dataset_contents, check_dataset_names, register_datasets
 from detection.job import Job, new_cfg, write_job
 from detection.spec import FinetuneJob
 from detection.trainer import Trainer
@@ -116,6 +116,8 @@ def preflight(job, cuda=None):
                             f"is {cfg.MODEL.ROI_HEADS.NUM_CLASSES}; override it to match")
     if job.weights != "none":
         check_weights_cover_model(job.weights, cfg)
+    for name in dict.fromkeys([*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST]):  # last: it reads every annotation
+        check_dataset_contents(specs[name])
     if cfg.SEED < 0:
         cfg = with_values(cfg, {"SEED": random.SystemRandom().randrange(2**31)})
     batch = batch_policy.plan_batch(cfg, job.world_size, job.scaling)

@@ -5,6 +5,7 @@ flagged; the evaluator ignores them at test time; 1-based pixel indices become 0
 XYXY boxes), with an error naming the file for every malformed annotation.
 """
 
+import math
 import re
 from pathlib import Path
 from typing import List, Tuple
@@ -12,6 +13,7 @@ from xml.etree import ElementTree as ET
 
 from detectron2.structures import BoxMode
 
+from detection.annotations import RecordError, shown
 from simsiam_transfer.errors import UserError
 
 VOC_CLASSES = (
@@ -41,31 +43,51 @@ def read_split(root, split) -> List[str]:
     return [file_id for _, file_id in read_split_lines(root, split)]
 
 
+def _coordinate(xml_path, line, obj_name, tag, text) -> float:
+    """A box coordinate: a finite number, or a ``RecordError`` naming the file, the line and the field."""
+    where = f"{xml_path}: line {line}: object {obj_name!r}"
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise RecordError("malformed XML", f"{where}: <{tag}> is {shown(text)}, not a number") from None
+    if not math.isfinite(value):
+        raise RecordError("non-finite number", f"{where}: <{tag}> is {shown(text)}; coordinates are finite "
+                                               "pixel positions")
+    return value
+
+
 def parse_annotation(xml_path):
     """Return ``(width, height, [ {name, box (xyxy, 0-based), difficult, line} ])`` of one XML file."""
     try:
         text = Path(xml_path).read_bytes()
         tree = ET.ElementTree(ET.fromstring(text))
     except (ET.ParseError, OSError) as exc:
-        raise UserError(f"{xml_path}: malformed annotation XML ({exc})") from None
+        raise RecordError("malformed XML", f"{xml_path}: malformed annotation XML ({exc})") from None
     # ElementTree keeps no line numbers; the n-th <object> tag's line names the record in reports.
     object_lines = [text.count(b"\n", 0, m.start()) + 1 for m in re.finditer(rb"<object[\s>]", text)]
     try:
         size = tree.find("size")
         width, height = int(size.find("width").text), int(size.find("height").text)
+        if width <= 0 or height <= 0:
+            raise RecordError("bad image size", f"{xml_path}: <size> is {width}x{height}; width and height are "
+                                                "pixel counts > 0")
         objects = []
         for index, obj in enumerate(tree.findall("object")):
+            line = object_lines[index] if index < len(object_lines) else None
+            name = obj.find("name").text.strip()
             bnd = obj.find("bndbox")
-            x0, y0, x1, y1 = (float(bnd.find(tag).text) for tag in ("xmin", "ymin", "xmax", "ymax"))
+            x0, y0, x1, y1 = (_coordinate(xml_path, line, name, tag, bnd.find(tag).text)
+                              for tag in ("xmin", "ymin", "xmax", "ymax"))
             difficult = obj.find("difficult")
             objects.append({
-                "name": obj.find("name").text.strip(),
+                "name": name,
                 "box": [x0 - 1.0, y0 - 1.0, x1, y1],
                 "difficult": int(difficult.text) if difficult is not None else 0,
-                "line": object_lines[index] if index < len(object_lines) else None,
+                "line": line,
             })
     except (AttributeError, TypeError, ValueError) as exc:
-        raise UserError(f"{xml_path}: annotation lacks a required field or has a non-number ({exc})") from None
+        raise RecordError("malformed XML", f"{xml_path}: annotation lacks a required field or has a non-number "
+                                           f"({exc})") from None
     return width, height, objects
 
 

@@ -13,6 +13,7 @@ from detection import protocol
 from detection.finetune import run_job
 from detection.job import read_job
 from simsiam_transfer.entry import run_entry
+from simsiam_transfer.errors import print_error
 
 
 def run_job_file(path) -> int:
@@ -26,7 +27,7 @@ def run_job_file(path) -> int:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("error: usage: python -m detection.worker JOB.yaml", file=sys.stderr)
+        print_error("usage: python -m detection.worker JOB.yaml")
         return 2
     return run_entry(run_job_file, argv[0])
 

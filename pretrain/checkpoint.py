@@ -73,6 +73,6 @@ def save(out_dir, payload, numbered):
     last = out_dir / LAST
     atomic.torch_save(payload, last)
     if numbered:
-        with atomic.atomic_path(out_dir / numbered_name(payload["epoch"])) as tmp:
+        with atomic.atomic_path(out_dir / numbered_name(payload["epoch"]), last.stat().st_size) as tmp:
             shutil.copyfile(last, tmp)
     return last

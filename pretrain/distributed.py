@@ -81,13 +81,44 @@ def slurm_port(job_id: str) -> int:
     return SLURM_PORT_BASE + int(job_id) % SLURM_PORT_SPAN if job_id.isdigit() else SLURM_PORT_BASE
 
 
+def _env_int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+    """An integer launcher variable, or one line naming it (a typo in an export, a stale value)."""
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    if not re.fullmatch(r"[0-9]{1,9}", text) or int(text) < minimum:
+        raise UserError(f"{name}={text!r}: must be an integer >= {minimum}; unset it, or launch with torchrun "
+                        "(which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT)")
+    return int(text)
+
+
+def _check_ranks(rank: int, world_size: int, names: str) -> None:
+    if rank >= world_size:
+        raise UserError(f"{names}: rank {rank} does not exist in a world of {world_size} process(es); "
+                        "ranks run from 0 to world size - 1")
+
+
 def launch_env(env: Mapping[str, str], first_host=first_slurm_host) -> LaunchEnv:
+    rank, world_size = _env_int(env, "RANK", 0, 0), _env_int(env, "WORLD_SIZE", 1, 1)
+    local_rank = _env_int(env, "LOCAL_RANK", 0, 0)
+    if ("RANK" in env) != ("WORLD_SIZE" in env) and (rank > 0 or world_size > 1):
+        given, absent = ("RANK", "WORLD_SIZE") if "RANK" in env else ("WORLD_SIZE", "RANK")
+        raise UserError(f"{given} is set but {absent} is not; launch with torchrun, or set both with "
+                        "MASTER_ADDR and MASTER_PORT")
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun / torch.distributed.launch
-        return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
-    ntasks = int(env.get("SLURM_NTASKS", "1") or 1)
+        _check_ranks(rank, world_size, f"RANK={rank} WORLD_SIZE={world_size}")
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not env.get(name, "").strip()]
+        if world_size > 1 and missing:
+            raise UserError(f"WORLD_SIZE={world_size} but {' and '.join(missing)} not set: the processes have "
+                            "nowhere to meet; launch with torchrun, or export MASTER_ADDR and MASTER_PORT")
+        if world_size > 1:
+            _env_int(env, "MASTER_PORT", 0, 1)
+        return LaunchEnv(rank, world_size, local_rank)
+    ntasks = _env_int(env, "SLURM_NTASKS", 1, 1)
     if "SLURM_PROCID" not in env or ntasks <= 1:
         return LaunchEnv()
-    launch = LaunchEnv(int(env["SLURM_PROCID"]), ntasks, int(env.get("SLURM_LOCALID", 0)))
+    launch = LaunchEnv(_env_int(env, "SLURM_PROCID", 0, 0), ntasks, _env_int(env, "SLURM_LOCALID", 0, 0))
+    _check_ranks(launch.rank, ntasks, f"SLURM_PROCID={launch.rank} SLURM_NTASKS={ntasks}")
     if "MASTER_ADDR" not in env:
         nodelist = env.get("SLURM_NODELIST") or env.get("SLURM_JOB_NODELIST")
         if not nodelist:

@@ -1,28 +1,123 @@
-"""Atomic file writes: a reader (or a resumed run) never sees a half-written file."""
+"""Atomic file writes: a reader (or a resumed run) never sees a half-written file.
+
+Files and folders are created as any ordinary file is, honouring the user's umask (0644 / 0755 under
+umask 022), so colleagues in a shared lab can read a checkpoint. A full disk (or quota) is one line
+naming the file, the space it needs and the space free; the previous file is kept, no partial one left.
+"""
 
 import contextlib
+import errno
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterable, List, Optional, Tuple
+from typing import Callable, Iterable, List, Optional, Tuple
 
 from simsiam_transfer.errors import UserError
 
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+
+
+def _create_beside(path: Path, make: Callable[[Path], None]) -> Path:
+    """A new ``.<name>.<8 hex>.tmp`` beside ``path``, made by ``make``. Not ``tempfile``: its files are
+    0600 whatever the umask; created with mode 0666/0777, the kernel applies the umask (and default ACLs)."""
+    while True:
+        candidate = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            make(candidate)
+            return candidate
+        except FileExistsError:
+            continue
+
+
+def _new_file(candidate: Path) -> None:
+    os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+
+def _new_folder(candidate: Path) -> None:
+    os.mkdir(candidate, 0o777)
+
+
+def human_bytes(n: float) -> str:
+    units = ("bytes", "kB", "MB", "GB", "TB")
+    step = 0
+    while n >= 1000 and step < len(units) - 1:
+        n, step = n / 1000, step + 1
+    return f"{n:.0f} bytes" if step == 0 else f"{n:.1f} {units[step]}"
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        stat = os.statvfs(folder)
+    except OSError:
+        return "unknown space"
+    return human_bytes(stat.f_bavail * stat.f_frsize)
+
+
+def _tree_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _no_space(path: Path, exc: OSError, tmp: Optional[Path], size: Optional[int]) -> UserError:
+    """One line for a write that ran out of space: what, how much it needs, how much is free."""
+    written = _tree_bytes(tmp) if tmp is not None and tmp.exists() else 0
+    needed = f"needs about {human_bytes(size)}" if size else f"needs more than the {human_bytes(written)} written"
+    kept = f"the previous {path.name} is unchanged" if path.exists() else "nothing was written"
+    return UserError(f"{path}: could not be written: {exc.strerror} ({needed}, {_free_space(path.parent)} free "
+                     f"in {path.parent}); {kept}. Free some space or write elsewhere")
+
+
+def _beside(path: Path, make: Callable[[Path], None], size: Optional[int]) -> Path:
+    """The temporary beside ``path`` (its folder created first); a full disk already here is one line."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return _create_beside(path, make)
+    except OSError as exc:
+        if exc.errno in _NO_SPACE:
+            raise _no_space(path, exc, None, size) from None
+        raise
+
+
+def payload_bytes(obj, _seen=None) -> int:
+    """Bytes of the tensors and arrays in a (nested) dict/list/tuple: the size a checkpoint will need."""
+    seen = set() if _seen is None else _seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, dict):
+        return sum(payload_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(payload_bytes(v, seen) for v in obj)
+    storage = getattr(obj, "untyped_storage", None)  # a torch tensor; views share one storage
+    if callable(storage):
+        data = storage()
+        key = ("storage", data.data_ptr())
+        if key in seen:
+            return 0
+        seen.add(key)
+        return int(data.nbytes())
+    return int(getattr(obj, "nbytes", 0) or 0)  # a numpy array
+
 
 @contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
+def atomic_path(path, size: Optional[int] = None):
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success. ``size``: the
+    bytes about to be written, named if the disk fills up."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _beside(path, _new_file, size)
     try:
-        yield Path(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        try:
+            yield tmp
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        except OSError as exc:
+            if exc.errno in _NO_SPACE:
+                raise _no_space(path, exc, tmp, size) from None
+            raise
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -33,10 +128,14 @@ def atomic_path(path):
 def atomic_dir(path):
     """Yield a temporary directory beside ``path``; move it onto ``path`` only on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = _beside(path, _new_folder, None)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as exc:
+            if exc.errno in _NO_SPACE:
+                raise _no_space(path, exc, tmp, None) from None
+            raise
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -46,8 +145,9 @@ def atomic_dir(path):
 
 
 def write_text(path, text):
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+    data = text.encode()
+    with atomic_path(path, len(data)) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_json(path, obj):
@@ -57,11 +157,12 @@ def write_json(path, obj):
 def torch_save(obj, path):
     import torch
 
-    with atomic_path(path) as tmp:
+    with atomic_path(path, payload_bytes(obj)) as tmp:
         torch.save(obj, tmp)
 
 
-# mkstemp/mkdtemp names of ``atomic_path``/``atomic_dir``: ".<target>.<8 random chars>.tmp".
+# Names of ``atomic_path``/``atomic_dir`` temporaries: ".<target>.<8 random chars>.tmp" (older
+# versions used mkstemp's [a-z0-9_] names).
 _TMP_NAME = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
 
 

@@ -1,10 +1,11 @@
 """The one config loader of every stage: fvcore ``CfgNode`` (as detectron2), loaded safely.
 
 Every YAML the project reads as a config goes through ``load`` / ``merge_file``: ``_BASE_``
-inheritance, ``KEY VALUE`` overrides, and ``yaml.safe_load`` only. A YAML tag that would build a
-Python object (``!!python/object/apply:os.system``) is refused with one line naming the file and
-the tag; nothing in it runs. detectron2's own ``merge_from_file`` defaults to unsafe loading, so
-detection configs come through here too.
+inheritance, ``KEY VALUE`` overrides, and safe loading only. A YAML tag that would build a Python
+object (``!!python/object/apply:os.system``) is refused with one line naming the file and the tag;
+nothing in it runs. detectron2's own ``merge_from_file`` defaults to unsafe loading, so detection
+configs come through here too. What else is refused before fvcore merges anything (duplicate keys,
+``_BASE_`` cycles, deep nesting, alias bombs, list elements of the wrong type): ``config_tree``.
 """
 
 from contextlib import contextmanager
@@ -14,7 +15,9 @@ from typing import Any, Callable, Iterable, Optional, Tuple
 import yaml
 from fvcore.common.config import CfgNode
 
+from simsiam_transfer.config_tree import ConfigTree, check_shape, check_tree, value_problem
 from simsiam_transfer.errors import UserError
+from simsiam_transfer.yaml_files import read_yaml, yaml_error_line
 
 __all__ = ["CfgNode", "config_root", "resolve_config", "merge_file", "merge_overrides", "merge_node", "load",
            "safe_yaml", "flatten"]
@@ -40,23 +43,12 @@ def resolve_config(name) -> Path:
     raise UserError(f"config file not found: {name} (neither a file nor under {config_root()})")
 
 
-def _yaml_error_line(path, exc) -> str:
-    """One line for a YAML error: a refused tag names the tag, a syntax error its position."""
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    mark = getattr(exc, "problem_mark", None)
-    if mark is not None and getattr(mark, "name", "")[:1] not in ("", "<"):
-        path = mark.name  # the file of the _BASE_ chain that holds the problem
-    where = f" (line {mark.line + 1})" if mark is not None else ""
-    if isinstance(exc, yaml.constructor.ConstructorError):
-        tag = problem.split("tag", 1)[-1].strip(" '").replace("tag:yaml.org,2002:", "!!")
-        return (f"{path}{where}: refused the YAML tag {tag}: configs are data and are loaded without "
-                "building Python objects; remove the tag")
-    return f"{path}{where}: not valid YAML ({problem})"
-
-
 def _first_line(exc) -> str:
-    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-    return str(text).splitlines()[0] if str(text) else type(exc).__name__
+    """A library's message without what it appends on further lines (dumps of whole config nodes); a
+    KeyError's message is the key itself, kept whole (``print_error`` escapes it to one line)."""
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 @contextmanager
@@ -66,7 +58,7 @@ def _one_line_errors(where, key_fix: str = "check the key's spelling"):
     try:
         yield
     except yaml.YAMLError as exc:
-        raise UserError(_yaml_error_line(where, exc)) from None
+        raise UserError(yaml_error_line(where, exc)) from None
     except KeyError as exc:
         raise UserError(f"{where}: {_first_line(exc)}; {key_fix}") from None
     except (ValueError, AssertionError, TypeError) as exc:
@@ -76,17 +68,35 @@ def _one_line_errors(where, key_fix: str = "check the key's spelling"):
 
 
 def safe_yaml(path):
-    """``yaml.safe_load`` of a data file (catalogs, saved configs) with the one-line error contract."""
-    with _one_line_errors(path), open(path) as f:
-        return yaml.safe_load(f)
+    """A data file (catalogs, saved configs) read with ``yaml_files.read_yaml``'s checks."""
+    return read_yaml(path)
 
 
 def merge_file(cfg: CfgNode, config_file) -> Path:
-    """Merge one YAML (with its ``_BASE_`` chain) into ``cfg``, safely; returns the resolved path."""
+    """Merge one YAML (with its ``_BASE_`` chain) into ``cfg``, safely; returns the resolved path.
+
+    The chain is read and checked first (``config_tree``); fvcore's own ``merge_from_file`` then
+    merges the checked files, so ``_BASE_`` order, key checks and detectron2's version upgrade stay
+    theirs."""
     path = resolve_config(config_file)
+    tree = ConfigTree(str(path))
+    check_tree(tree.load(str(path)), cfg, tree.where)
     with _one_line_errors(path, "remove or rename that key"):
         cfg.merge_from_file(str(path), allow_unsafe=False)
     return path
+
+
+_MISSING = object()
+
+
+def _current(cfg: CfgNode, key: str):
+    """The value at a dotted ``key`` of ``cfg``, or ``_MISSING`` (yacs then names the unknown key)."""
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
 
 
 def merge_overrides(cfg: CfgNode, overrides: Iterable = ()) -> CfgNode:
@@ -95,13 +105,22 @@ def merge_overrides(cfg: CfgNode, overrides: Iterable = ()) -> CfgNode:
     if len(overrides) % 2:
         raise UserError(f"overrides must be KEY VALUE pairs, got an odd list: {' '.join(overrides)}")
     for key, value in zip(overrides[0::2], overrides[1::2]):
-        with _one_line_errors(f"override {key} {value}"):
+        where = f"override {key} {value}"
+        decoded = CfgNode._decode_cfg_value(value)
+        check_shape(decoded, where)
+        current = _current(cfg, key)
+        problem = None if current is _MISSING else value_problem(decoded, current, tuple(key.split(".")))
+        if problem:
+            raise UserError(f"{where}: {problem[1]}")
+        with _one_line_errors(where):
             cfg.merge_from_list([key, value])
     return cfg
 
 
 def merge_node(cfg: CfgNode, node, where: str) -> CfgNode:
     """Merge a nested node (e.g. a pipeline's ``PRETRAIN.CFG``) into ``cfg``, naming ``where`` on error."""
+    check_shape(node, where)
+    check_tree(node, cfg, lambda keys: where)
     with _one_line_errors(where):
         cfg.merge_from_other_cfg(CfgNode(node) if not isinstance(node, CfgNode) else node)
     return cfg

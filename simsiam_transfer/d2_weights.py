@@ -33,7 +33,7 @@ def detectron2_payload(d2_state):
 
 
 def write_detectron2_pkl(path, payload):
-    with atomic.atomic_path(path) as tmp:
+    with atomic.atomic_path(path, atomic.payload_bytes(payload)) as tmp:
         with open(tmp, "wb") as f:
             pickle.dump(payload, f, protocol=4)
 

@@ -7,11 +7,10 @@ SIGINT, 143 for SIGTERM), with what finished kept and the run resumable.
 
 import logging
 import signal
-import sys
 import warnings
 from typing import Any, Callable
 
-from simsiam_transfer.errors import TrainingDiverged, UserError
+from simsiam_transfer.errors import TrainingDiverged, UserError, print_error
 from simsiam_transfer.stopping import install_handlers, signal_number, watch_parent
 
 
@@ -30,13 +29,13 @@ def run_entry(fn: Callable[..., Any], *args: Any) -> int:
     try:
         return int(fn(*args) or 0)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc)
         return exc.exit_code
     except TrainingDiverged as exc:
-        print(f"error: training diverged: {exc}", file=sys.stderr)
+        print_error(f"training diverged: {exc}")
         return 1
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM from a scheduler or kill (``Stopped``)
         signum = signal_number(exc)
-        print(f"interrupted by {signal.Signals(signum).name}: finished work is kept; run the same command "
-              "again to resume", file=sys.stderr)
+        print_error(f"interrupted by {signal.Signals(signum).name}: finished work is kept; run the same command "
+                    "again to resume", prefix="")
         return 128 + signum

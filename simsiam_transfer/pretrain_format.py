@@ -22,11 +22,10 @@ All of it loads with ``torch.load(..., weights_only=True)``.
 
 from typing import Optional
 
-import yaml
-
 from simsiam_transfer.checkpoints import describe_load_error
 from simsiam_transfer.errors import UserError
 from simsiam_transfer.versions import library_versions
+from simsiam_transfer.yaml_files import parse_yaml
 
 FORMAT = "simsiam-transfer/pretrain-v1"
 LAST = "checkpoint_last.pth"
@@ -64,7 +63,9 @@ def load(path):
 
 def model_settings_changed(saved_config_text, cfg):
     """MODEL.* keys whose value differs between a checkpoint's config and ``cfg``."""
-    saved = yaml.safe_load(saved_config_text).get("MODEL", {})
+    doc = parse_yaml(str(saved_config_text), "the resume checkpoint's config")
+    saved = doc.get("MODEL") if isinstance(doc, dict) else None
+    saved = saved if isinstance(saved, dict) else {}
     return sorted(f"MODEL.{k}: {saved.get(k)!r} -> {v!r}" for k, v in cfg.MODEL.items() if saved.get(k) != v)
 
 
@@ -78,12 +79,12 @@ def training_record(checkpoint) -> Optional[dict]:
     record = {"history": checkpoint["history"], "dim": 0, "weight_decay": 0.0, "momentum": 0.0,
               "zero_init_residual": None}
     try:
-        cfg = yaml.safe_load(checkpoint.get("config") or "")
+        cfg = parse_yaml(str(checkpoint.get("config") or ""), "the checkpoint's config")
         record["dim"] = int(cfg.get("MODEL", {}).get("DIM", 0))
         record["weight_decay"] = float(cfg.get("SOLVER", {}).get("WEIGHT_DECAY", 0.0))
         record["momentum"] = float(cfg.get("SOLVER", {}).get("MOMENTUM", 0.0))
         zero_init = cfg.get("MODEL", {}).get("ZERO_INIT_RESIDUAL")
         record["zero_init_residual"] = zero_init if isinstance(zero_init, bool) else None
-    except (yaml.YAMLError, AttributeError, TypeError, ValueError):
+    except (UserError, AttributeError, TypeError, ValueError):
         pass
     return record

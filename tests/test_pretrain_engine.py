@@ -54,7 +54,8 @@ def test_srun_without_any_rendezvous_is_one_clear_error():
 
 
 def test_torchrun_wins_and_single_task_srun_is_one_process():
-    assert launch_env({**SLURM, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == LaunchEnv(1, 2, 1, {})
+    torchrun = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    assert launch_env({**SLURM, **torchrun}) == LaunchEnv(1, 2, 1, {})
     assert launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == LaunchEnv()
 
 
