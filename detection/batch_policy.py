@@ -30,6 +30,7 @@ FIXED_GIB_R50_C4 = 0.4
 REFERENCE_PIXELS = 800 * 1333
 SAFETY = 0.9
 SYNCED_NORMS = ("SyncBN", "naiveSyncBN")
+PROTOCOL_IMS_PER_GPU = 2  # MoCo's detection runs: 8 GPUs x 2 images
 # The plan's field lists, declared once: the effective setup every trial record, bench folder, summary
 # and report carries, and what a fine-tune folder must keep to be resumed or evaluated.
 SETUP_FIELDS = ("scaling", "world_size", "ims_per_gpu", "effective_batch", "bn_mode", "bn_group", "lr_scale",
@@ -58,8 +59,12 @@ class BatchPlan:
 
     @property
     def flags(self) -> list[str]:
-        """What differs from the config's protocol setup (empty for the faithful policy)."""
+        """What differs from the protocol's setup: the batch, BN group or schedule of the config, and more
+        than MoCo's 2 images per GPU (detectron2 pads a GPU's images to its largest before the backbone's
+        BN, so padding enters BN and PreciseBN statistics differently: 1x16 is close to 8x2, not equal)."""
         out = []
+        if self.ims_per_gpu > PROTOCOL_IMS_PER_GPU:
+            out.append(f"{self.ims_per_gpu} images per GPU: padding differs from 8x{PROTOCOL_IMS_PER_GPU}")
         if self.effective_batch != self.config_batch:
             out.append(f"batch {self.effective_batch} != {self.config_batch}")
         if self.bn_group is not None and self.bn_group != self.config_batch:

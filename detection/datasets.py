@@ -9,8 +9,8 @@ Standard names (resolved under ``--data-root`` or ``$DETECTRON2_DATASETS``, defa
 
 They replace detectron2's built-in registrations of the same names, so VOC is read by
 this project's reader (``detection.voc``). A catalog (``--datasets FILE``) adds or overrides
-names. Its format (``CATALOG_SCHEMA`` below is the one declaration of it; paths may be absolute
-or relative to the catalog file)::
+names. Its format (declared once, with its reader and writer, in ``simsiam_transfer.catalog``; paths
+may be absolute or relative to the catalog file)::
 
     my_voc_trainval:
       format: voc            # <root>/JPEGImages, Annotations, ImageSets/Main/<split>.txt
@@ -32,14 +32,9 @@ from detectron2.data.datasets import load_coco_json
 
 from detection.annotations import RecordError, index_coco, read_coco_json
 from detection.voc import VOC_CLASSES, load_voc_instances
-from simsiam_transfer.config import safe_yaml
+from simsiam_transfer.catalog import load_catalog
 from simsiam_transfer.errors import UserError
 
-# format -> {key: (required, kind)}; kind "path" is resolved against the catalog's folder.
-CATALOG_SCHEMA = {
-    "voc": {"root": (True, "path"), "split": (True, "str"), "classes": (True, "names"), "year": (False, "int")},
-    "coco": {"json": (True, "path"), "image_root": (True, "path")},
-}
 STANDARD_VOC = {
     "voc_2007_trainval": ("VOC2007", "trainval", 2007),
     "voc_2007_test": ("VOC2007", "test", 2007),
@@ -63,48 +58,6 @@ def standard_specs(data_root):
                        "classes": list(VOC_CLASSES), "year": year}
     for name, (json_file, image_root) in STANDARD_COCO.items():
         specs[name] = {"format": "coco", "json": root / json_file, "image_root": root / image_root}
-    return specs
-
-
-def load_catalog(path):
-    """Parse and validate a dataset catalog; relative paths are resolved against its folder."""
-    path = Path(path)
-    doc = safe_yaml(path)
-    if not isinstance(doc, dict) or not doc:
-        raise UserError(f"{path}: a dataset catalog is a mapping of name -> description "
-                        "(format: the detection.datasets docstring, README 'Fine-tuning')")
-    specs = {}
-    for name, entry in doc.items():
-        where = f"{path}: dataset {name!r}"
-        if not isinstance(entry, dict):
-            raise UserError(f"{where}: expected a mapping with 'format' and its fields")
-        fmt = entry.get("format")
-        schema = CATALOG_SCHEMA.get(fmt)
-        if schema is None:
-            raise UserError(f"{where}: format must be one of {sorted(CATALOG_SCHEMA)}, got {fmt!r}")
-        unknown = set(entry) - set(schema) - {"format"}
-        if unknown:
-            raise UserError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {['format', *schema]}")
-        missing = [k for k, (required, _) in schema.items() if required and k not in entry]
-        if missing:
-            raise UserError(f"{where}: missing key(s) {missing}")
-        spec = dict(entry)
-        for key, (_, kind) in schema.items():
-            if key not in spec:
-                continue
-            value = spec[key]
-            if kind == "path":
-                spec[key] = (path.parent / Path(str(value)).expanduser()).resolve()
-            elif kind == "names" and (not isinstance(value, list) or not value
-                                      or not all(isinstance(c, str) for c in value)):
-                raise UserError(f"{where}: '{key}' must be a non-empty list of names")
-            elif kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
-                raise UserError(f"{where}: '{key}' must be an integer, got {value!r}")
-            elif kind == "str" and not isinstance(value, str):
-                raise UserError(f"{where}: '{key}' must be a string, got {value!r}")
-        if fmt == "voc":
-            spec["year"] = int(spec.get("year", 2007))
-        specs[str(name)] = spec
     return specs
 
 

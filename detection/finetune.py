@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import re
 import time
@@ -36,6 +37,7 @@ from simsiam_transfer.c4 import check_weights_cover_model, single_process_norm
 from simsiam_transfer.config import merge_file, merge_node, merge_overrides, resolve_config
 from simsiam_transfer.errors import TrainingDiverged, UserError
 from simsiam_transfer.locks import folder_lock
+from simsiam_transfer.slurm import first_slurm_host, slurm_step
 from simsiam_transfer.stopping import GRACE_S
 from simsiam_transfer.tf32 import set_tf32
 from simsiam_transfer.versions import library_versions
@@ -279,8 +281,28 @@ def dry_run_plan(job, cuda):
             "num_machines": job.num_machines, **batch.as_dict(), "device": cfg.MODEL.DEVICE}
 
 
+def under_srun(job, env, first_host=first_slurm_host):
+    """The job as one distributed run across an srun step's nodes (one task per node, each launching its
+    GPUs' processes, the rendezvous from Slurm's environment), or one line refusing a step of another shape."""
+    step = slurm_step(env, first_host)
+    if step is None:
+        return job
+    if step.tasks_per_node > 1:
+        raise UserError(f"finetune runs as {step.world_size} srun tasks, {step.tasks_per_node} per node: detectron2 "
+                        "starts one process per GPU itself, so these would be independent trainings into one "
+                        "folder; run one task per node (srun --ntasks-per-node 1 ... finetune --num-gpus N)")
+    if job.num_machines not in (1, step.nodes):
+        raise UserError(f"--num-machines {job.num_machines} but the srun step has {step.nodes} node(s); leave it "
+                        "out under srun (the step sets it)")
+    addr = env.get("MASTER_ADDR") or step.rendezvous["MASTER_ADDR"]
+    port = env.get("MASTER_PORT") or step.rendezvous["MASTER_PORT"]
+    return dataclasses.replace(job, num_machines=step.nodes, machine_rank=step.node_rank,
+                               dist_url=f"tcp://{addr}:{port}")
+
+
 def finetune(job, dry_run=False, assume_gpus=None):
     """``simsiam-transfer finetune``: a ``FinetuneJob`` (num_gpus -1: every visible GPU) -> plan or run."""
+    job = under_srun(job, os.environ)
     if job.num_gpus < 0:
         visible = torch.cuda.device_count() if assume_gpus is None else assume_gpus
         job = dataclasses.replace(job, num_gpus=visible)

@@ -1,25 +1,22 @@
 """Process-group set-up from the launcher's environment (torchrun, or Slurm's srun), and collectives.
 
 ``launch_env(environ)`` is a pure function of the environment: torchrun's ``RANK``/``WORLD_SIZE``
-win; under ``srun`` with several tasks the ranks come from ``SLURM_PROCID``/``SLURM_NTASKS``/
-``SLURM_LOCALID`` and, without ``MASTER_ADDR``, the rendezvous is the first host of
-``SLURM_NODELIST`` on a port derived from ``SLURM_JOB_ID``.
+win; under an ``srun`` step with several tasks the ranks come from the step (``simsiam_transfer.slurm``):
+``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS``, ``SLURM_LOCALID`` and, without ``MASTER_ADDR``, the
+first host of the step's node list on a port derived from ``SLURM_JOB_ID``. ``SLURM_NTASKS`` > 1
+outside an srun step (an sbatch script without srun) is refused: those ranks would never start.
 """
 
 import dataclasses
 import os
-import re
-import shutil
-import subprocess
+import sys
 from typing import Mapping, Optional
 
 import torch
 import torch.distributed as dist
 
 from simsiam_transfer.errors import UserError
-
-SLURM_PORT_BASE, SLURM_PORT_SPAN = 15000, 20000
-
+from simsiam_transfer.slurm import check_ranks, env_int, first_slurm_host, slurm_step
 
 @dataclasses.dataclass
 class DistInfo:
@@ -45,89 +42,29 @@ class LaunchEnv:
     world_size: int = 1
     local_rank: int = 0
     rendezvous: dict = dataclasses.field(default_factory=dict)
-
-
-def expand_nodelist(nodelist: str) -> list:
-    """Slurm's compact host list, e.g. ``node[01-03,7],gpu7`` -> node01 node02 node03 node7 gpu7."""
-    hosts = []
-    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
-        if plain:
-            hosts.append(plain)
-            continue
-        for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
-            if not lo.isdigit() or (hi and not hi.isdigit()):
-                raise UserError(f"SLURM_NODELIST {nodelist!r}: cannot read the range {part!r}; "
-                                "set MASTER_ADDR and MASTER_PORT")
-            hosts += [f"{prefix}{i:0{len(lo)}d}" for i in range(int(lo), int(hi or lo) + 1)]
-    return hosts
-
-
-def first_slurm_host(nodelist: str) -> str:
-    """``scontrol show hostnames`` where Slurm's tools are installed, else our own parser."""
-    if shutil.which("scontrol"):
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             timeout=60)
-        if out.returncode == 0 and out.stdout.split():
-            return out.stdout.split()[0]
-    hosts = expand_nodelist(nodelist)
-    if not hosts:
-        raise UserError(f"SLURM_NODELIST {nodelist!r}: no host; set MASTER_ADDR and MASTER_PORT")
-    return hosts[0]
-
-
-def slurm_port(job_id: str) -> int:
-    """Same on every task of a job, different for concurrent jobs on one node."""
-    return SLURM_PORT_BASE + int(job_id) % SLURM_PORT_SPAN if job_id.isdigit() else SLURM_PORT_BASE
-
-
-def _env_int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
-    """An integer launcher variable, or one line naming it (a typo in an export, a stale value)."""
-    text = env.get(name, "").strip()
-    if not text:
-        return default
-    if not re.fullmatch(r"[0-9]{1,9}", text) or int(text) < minimum:
-        raise UserError(f"{name}={text!r}: must be an integer >= {minimum}; unset it, or launch with torchrun "
-                        "(which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT)")
-    return int(text)
-
-
-def _check_ranks(rank: int, world_size: int, names: str) -> None:
-    if rank >= world_size:
-        raise UserError(f"{names}: rank {rank} does not exist in a world of {world_size} process(es); "
-                        "ranks run from 0 to world size - 1")
+    processes_per_node: int = 0  # srun: the step's tasks on this node (0: not known, torchrun tells it)
 
 
 def launch_env(env: Mapping[str, str], first_host=first_slurm_host) -> LaunchEnv:
-    rank, world_size = _env_int(env, "RANK", 0, 0), _env_int(env, "WORLD_SIZE", 1, 1)
-    local_rank = _env_int(env, "LOCAL_RANK", 0, 0)
+    rank, world_size = env_int(env, "RANK", 0, 0), env_int(env, "WORLD_SIZE", 1, 1)
+    local_rank = env_int(env, "LOCAL_RANK", 0, 0)
     if ("RANK" in env) != ("WORLD_SIZE" in env) and (rank > 0 or world_size > 1):
         given, absent = ("RANK", "WORLD_SIZE") if "RANK" in env else ("WORLD_SIZE", "RANK")
         raise UserError(f"{given} is set but {absent} is not; launch with torchrun, or set both with "
                         "MASTER_ADDR and MASTER_PORT")
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun / torch.distributed.launch
-        _check_ranks(rank, world_size, f"RANK={rank} WORLD_SIZE={world_size}")
+        check_ranks(rank, world_size, f"RANK={rank} WORLD_SIZE={world_size}")
         missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not env.get(name, "").strip()]
         if world_size > 1 and missing:
             raise UserError(f"WORLD_SIZE={world_size} but {' and '.join(missing)} not set: the processes have "
                             "nowhere to meet; launch with torchrun, or export MASTER_ADDR and MASTER_PORT")
         if world_size > 1:
-            _env_int(env, "MASTER_PORT", 0, 1)
+            env_int(env, "MASTER_PORT", 0, 1)
         return LaunchEnv(rank, world_size, local_rank)
-    ntasks = _env_int(env, "SLURM_NTASKS", 1, 1)
-    if "SLURM_PROCID" not in env or ntasks <= 1:
+    step = slurm_step(env, first_host)
+    if step is None:
         return LaunchEnv()
-    launch = LaunchEnv(_env_int(env, "SLURM_PROCID", 0, 0), ntasks, _env_int(env, "SLURM_LOCALID", 0, 0))
-    _check_ranks(launch.rank, ntasks, f"SLURM_PROCID={launch.rank} SLURM_NTASKS={ntasks}")
-    if "MASTER_ADDR" not in env:
-        nodelist = env.get("SLURM_NODELIST") or env.get("SLURM_JOB_NODELIST")
-        if not nodelist:
-            raise UserError(f"srun started {ntasks} tasks but neither MASTER_ADDR nor SLURM_NODELIST is set; "
-                            "export MASTER_ADDR and MASTER_PORT, or launch with torchrun")
-        launch.rendezvous["MASTER_ADDR"] = first_host(nodelist)
-    if "MASTER_PORT" not in env:
-        launch.rendezvous["MASTER_PORT"] = str(slurm_port(env.get("SLURM_JOB_ID", "")))
-    return launch
+    return LaunchEnv(step.rank, step.world_size, step.local_rank, step.rendezvous, step.tasks_per_node)
 
 
 def device_for(local_rank: int, device_count: int) -> torch.device:
@@ -150,11 +87,25 @@ def check_one_gpu_per_process(env: Mapping[str, str], device_count: int) -> None
                     "make more GPUs visible (CUDA_VISIBLE_DEVICES)")
 
 
+def idle_gpu_warning(processes_per_node: int, device_count: int) -> Optional[str]:
+    """A line when a node's processes use fewer of its GPUs than it shows (e.g. srun --ntasks-per-node 1 on an
+    8-GPU node); None when each process sees only its own GPU (--gpus-per-task 1) or all are used."""
+    if device_count <= 1 or not 0 < processes_per_node < device_count:
+        return None
+    return (f"warning: this node shows {device_count} GPUs but the run starts {processes_per_node} process(es) on "
+            f"it, one GPU each, so {device_count - processes_per_node} stay idle; start one process per GPU "
+            f"(srun --ntasks-per-node {device_count}, or torchrun --nproc_per_node {device_count})")
+
+
 def init_distributed() -> DistInfo:
     """Join the process group if launched with several processes; one GPU per process, else CPU."""
     launch = launch_env(os.environ)
     device_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     check_one_gpu_per_process(os.environ, device_count)
+    per_node = launch.processes_per_node or env_int(os.environ, "LOCAL_WORLD_SIZE", 1, 1)
+    warning = idle_gpu_warning(per_node, device_count)
+    if warning and launch.local_rank == 0:
+        print(warning, file=sys.stderr, flush=True)
     device = device_for(launch.local_rank, device_count)
     if device.type == "cuda":
         torch.cuda.set_device(device)

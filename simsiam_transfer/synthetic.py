@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw
 from skimage import data
 
 from simsiam_transfer.atomic import atomic_dir, check_output_dir
+from simsiam_transfer.catalog import write_catalog as write_catalog_file
 from simsiam_transfer.errors import UserError
 
 CLASSES = ("disk", "square", "triangle")
@@ -299,18 +300,14 @@ def write_labeled(root, seed, per_class_train, per_class_val, size, workers=1):
 
 
 def write_catalog(root):
-    text = (
-        "# Dataset catalog for the generated data (paths relative to this file).\n"
-        "synthetic_voc_trainval:\n  format: voc\n  root: VOCdevkit/VOC2007\n  split: trainval\n"
-        f"  classes: [{', '.join(CLASSES)}]\n  year: 2007\n"
-        "synthetic_voc_test:\n  format: voc\n  root: VOCdevkit/VOC2007\n  split: test\n"
-        f"  classes: [{', '.join(CLASSES)}]\n  year: 2007\n"
-        "synthetic_coco_train:\n  format: coco\n  json: coco/annotations/instances_train.json\n"
-        "  image_root: coco/train\n"
-        "synthetic_coco_val:\n  format: coco\n  json: coco/annotations/instances_val.json\n"
-        "  image_root: coco/val\n"
-    )
-    (Path(root) / "datasets.yaml").write_text(text)
+    """The catalog of the generated sets (paths relative to it), rendered from the catalog's schema."""
+    entries = {f"{VOC_NAME}_{split}": {"format": "voc", "root": "VOCdevkit/VOC2007", "split": split,
+                                       "classes": list(CLASSES), "year": 2007} for split in ("trainval", "test")}
+    for split in ("train", "val"):
+        entries[f"synthetic_coco_{split}"] = {"format": "coco", "json": f"coco/annotations/instances_{split}.json",
+                                              "image_root": f"coco/{split}"}
+    return write_catalog_file(Path(root) / "datasets.yaml", entries,
+                              "Dataset catalog for the generated data (paths relative to this file).")
 
 
 # Written last into every generated folder: the generator replaces a folder only when this mark is

@@ -834,8 +834,12 @@ LAUNCH_ENVS = {
     "WORLD_SIZE alone": ({"WORLD_SIZE": "4"}, ["WORLD_SIZE is set but RANK is not"]),
     "RANK alone": ({"RANK": "3"}, ["RANK is set but WORLD_SIZE is not"]),
     "SLURM_NTASKS not a number": ({"SLURM_PROCID": "0", "SLURM_NTASKS": "eight"}, ["SLURM_NTASKS='eight'"]),
-    "SLURM_PROCID beyond SLURM_NTASKS": ({"SLURM_PROCID": "9", "SLURM_NTASKS": "2", "MASTER_ADDR": "h"},
-                                         ["SLURM_PROCID=9 SLURM_NTASKS=2"]),
+    "SLURM_STEP_NUM_TASKS not a number": ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "two"},
+                                          ["SLURM_STEP_NUM_TASKS='two'"]),
+    "SLURM_PROCID beyond the step": ({"SLURM_PROCID": "9", "SLURM_STEP_NUM_TASKS": "2", "MASTER_ADDR": "h"},
+                                     ["SLURM_PROCID=9 SLURM_STEP_NUM_TASKS=2"]),
+    "SLURM_NTASKS outside an srun step": ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "0"},
+                                          ["SLURM_NTASKS=4 but this process is not a task of an srun step"]),
     "newline in RANK": ({"RANK": "0\nerror: forged", "WORLD_SIZE": "1"}, ["RANK='0\\nerror: forged'"]),
 }
 
@@ -844,7 +848,7 @@ LAUNCH_ENVS = {
 def test_broken_launcher_variables_are_one_line(name, synthetic, tmp_path, capsys, monkeypatch):
     env, expected = LAUNCH_ENVS[name]
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
-                "SLURM_LOCALID", "SLURM_NODELIST", "SLURM_JOB_NODELIST"):
+                "SLURM_LOCALID", "SLURM_NODELIST", "SLURM_JOB_NODELIST", "SLURM_STEP_NUM_TASKS", "SLURM_JOB_ID"):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)

@@ -130,3 +130,34 @@ def test_the_pipeline_submits_pretraining_as_a_job_and_finds_it_again(tmp_path):
 
     ckpt = torch.load(out / "rows/simsiam/pretrain/checkpoint_last.pth", weights_only=True)
     assert ckpt["epoch"] == 6 and len(ckpt["rng"]) == 2  # both tasks trained, to the end
+
+
+def test_finetune_under_srun_is_one_distributed_run_or_one_line():
+    from detection.finetune import under_srun
+    from detection.spec import FinetuneJob
+    from simsiam_transfer.errors import UserError
+
+    job = FinetuneJob(config_file="voc07", weights="none", num_gpus=8)
+    step = {"SLURM_JOB_ID": "77", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NUM_NODES": "2", "SLURM_PROCID": "1",
+            "SLURM_NODEID": "1", "SLURM_STEP_TASKS_PER_NODE": "1(x2)", "SLURM_STEP_NODELIST": "gpu[07-08]"}
+    one_run = under_srun(job, step, first_host=lambda nodelist: "gpu07")
+    assert (one_run.num_machines, one_run.machine_rank, one_run.dist_url) == (2, 1, f"tcp://gpu07:{15000 + 77}")
+    with pytest.raises(UserError, match="finetune runs as 8 srun tasks, 8 per node") as err:  # srun -n 8 finetune
+        under_srun(job, {**step, "SLURM_STEP_NUM_TASKS": "8", "SLURM_STEP_NUM_NODES": "1",
+                         "SLURM_STEP_TASKS_PER_NODE": "8"}, first_host=lambda nodelist: "gpu07")
+    assert "\n" not in str(err.value)
+    assert under_srun(job, {"SLURM_JOB_ID": "77", "SLURM_STEP_NUM_TASKS": "1"}) is job  # a one-task step
+
+
+@pytest.mark.slow
+def test_the_padding_benchmark_pairs_seeds_across_setups(synthetic, r18_pkl, tmp_path):
+    """At toy size on CPU (one setup twice): the plumbing, and that a seed gives the same AP twice."""
+    proc = subprocess.run([sys.executable, "benchmarks/padding.py", "--weights", r18_pkl, "--config", "voc07_mini",
+                           "--datasets", synthetic / "datasets.yaml", "--setups", "1x4,8x2,1x4", "--seeds", "1000",
+                           "--out", tmp_path, *SHORT], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert record["skipped"] == {"8x2": "needs 8 GPUs, this machine shows 0"} and record["errors"] == []
+    first, second = record["setups"]["0_1x4"][0], record["setups"]["2_1x4"][0]
+    assert first["seed"] == second["seed"] == 1000 and first["ims_per_gpu"] == 4
+    assert record["paired_difference"]["bbox/AP"] == {"mean": 0.0, "std": None, "n": 1}  # same seed, same AP

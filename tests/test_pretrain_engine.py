@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from conftest import REPO, cli_main
 from pretrain import checkpoint
-from pretrain.distributed import DistInfo, LaunchEnv, all_gather_varlen, device_for, expand_nodelist, launch_env
+from pretrain.distributed import DistInfo, LaunchEnv, all_gather_varlen, device_for, launch_env
+from simsiam_transfer.slurm import expand_nodelist
 from pretrain.engine import (Pretrainer, Precision, cpu_supports_bf16, memory_format, prepare_model, seed_worker,
                              to_device, train_step)
 from pretrain.hooks import AmpSkipMonitor, HookBase, TargetMemoryInit
@@ -34,17 +35,40 @@ def test_nodelist_expansion():
         expand_nodelist("n[a-b]")
 
 
-SLURM = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "4242"}
+SLURM = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "4242",
+         "SLURM_STEP_NUM_TASKS": "8", "SLURM_STEP_NUM_NODES": "2", "SLURM_STEP_TASKS_PER_NODE": "4(x2)",
+         "SLURM_NODEID": "0"}
 
 
 def test_srun_without_master_addr_derives_the_rendezvous():
     launch = launch_env({**SLURM, "SLURM_NODELIST": "node[01-04],gpu7"}, first_host=lambda nl: expand_nodelist(nl)[0])
-    assert launch == LaunchEnv(3, 8, 1, {"MASTER_ADDR": "node01", "MASTER_PORT": str(15000 + 4242)})
+    assert launch == LaunchEnv(3, 8, 1, {"MASTER_ADDR": "node01", "MASTER_PORT": str(15000 + 4242)}, 4)
 
 
 def test_srun_with_master_addr_keeps_it():
     launch = launch_env({**SLURM, "SLURM_NODELIST": "x[1-2]", "MASTER_ADDR": "head", "MASTER_PORT": "1234"})
-    assert launch == LaunchEnv(3, 8, 1, {})
+    assert launch == LaunchEnv(3, 8, 1, {}, 4)
+
+
+def test_the_step_s_task_count_wins_and_a_batch_script_without_srun_is_refused():
+    """sbatch --ntasks 8 running the command without srun is one process: refused, not left waiting for
+    7 ranks; a step of 2 tasks inside a job of 8 is a world of 2."""
+    batch_script = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "8", "SLURM_PROCID": "0", "SLURM_NODELIST": "n1"}
+    with pytest.raises(UserError, match=r"SLURM_NTASKS=8 but this process is not a task of an srun step") as err:
+        launch_env(batch_script)
+    assert "\n" not in str(err.value)
+    step = {**batch_script, "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1"}
+    assert launch_env(step, first_host=lambda nl: nl).world_size == 2
+    assert launch_env({**batch_script, "SLURM_STEP_NUM_TASKS": "1"}) == LaunchEnv()
+
+
+def test_a_node_whose_gpus_are_not_all_used_gets_a_warning():
+    from pretrain.distributed import idle_gpu_warning
+
+    warning = idle_gpu_warning(1, 8)  # srun --ntasks-per-node 1 on an 8-GPU node
+    assert "shows 8 GPUs" in warning and "7 stay idle" in warning and "--ntasks-per-node 8" in warning
+    assert idle_gpu_warning(8, 8) is None and idle_gpu_warning(1, 1) is None  # all used; --gpus-per-task 1
+    assert idle_gpu_warning(2, 0) is None  # CPU
 
 
 def test_srun_without_any_rendezvous_is_one_clear_error():
@@ -56,7 +80,7 @@ def test_srun_without_any_rendezvous_is_one_clear_error():
 def test_torchrun_wins_and_single_task_srun_is_one_process():
     torchrun = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
     assert launch_env({**SLURM, **torchrun}) == LaunchEnv(1, 2, 1, {})
-    assert launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == LaunchEnv()
+    assert launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_STEP_NUM_TASKS": "1"}) == LaunchEnv()
 
 
 def test_device_index_wraps_over_visible_gpus():

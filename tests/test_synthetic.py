@@ -96,3 +96,16 @@ def test_out_naming_a_file_is_one_line(tmp_path, capsys):
     assert cli_main("data", "make-synthetic", "--out", target) == 2
     assert capsys.readouterr().err.strip() == f"error: --out {target}: is an existing file; give a folder path"
     assert target.read_text() == "keep me"
+
+
+def test_the_catalog_is_rendered_from_its_one_schema(tmp_path):
+    from simsiam_transfer.catalog import CATALOG_SCHEMA, load_catalog, write_catalog
+    from simsiam_transfer.synthetic import write_catalog as write_generated_catalog
+
+    specs = load_catalog(write_generated_catalog(tmp_path))
+    assert {s["format"] for s in specs.values()} == set(CATALOG_SCHEMA)
+    for spec in specs.values():
+        assert set(spec) - {"format"} <= set(CATALOG_SCHEMA[spec["format"]])
+    with pytest.raises(ValueError, match="does not follow CATALOG_SCHEMA"):
+        write_catalog(tmp_path / "bad.yaml", {"x": {"format": "coco", "json": "a.json"}})  # image_root missing
+    assert not (tmp_path / "bad.yaml").exists()
