@@ -26,7 +26,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from pretrain import checkpoint
-from pretrain.data import LabeledFolder, TwoViewDataset, check_train_images, eval_transform, simsiam_augmentation
+from pretrain.config import resolve_augment_on
+from pretrain.data import (BLUR_SIGMA, LabeledFolder, TwoViewDataset, check_train_images, crop_and_params,
+                           eval_transform, simsiam_augmentation)
+from pretrain.device_augment import CropView, DeviceAugmentation
 from pretrain.distributed import cleanup, init_distributed
 from pretrain.hooks import HookBase, default_hooks
 from pretrain.loss import simsiam_loss
@@ -34,6 +37,7 @@ from pretrain.model import build_model
 from pretrain.schedule import initial_lr
 from pretrain.targets import MovingAverageTargets, alternation
 from simsiam_transfer.errors import UserError
+from simsiam_transfer.resnet import IMAGENET_MEAN, IMAGENET_STD
 
 
 def seed_everything(seed: int) -> None:
@@ -154,6 +158,7 @@ class Pretrainer:
         self.dist = init_distributed()
         self.out = Path(cfg.OUTPUT_DIR)
         self.device = self.dist.device
+        self.cfg = cfg = resolve_augment_on(cfg, self.device.type)
         self.precision = choose_precision(bool(cfg.SOLVER.AMP), self.device)
         self.per_process_batch = cfg.SOLVER.BATCH_SIZE // self.dist.world_size
         if self.per_process_batch < 1 or cfg.SOLVER.BATCH_SIZE % self.dist.world_size:
@@ -161,8 +166,13 @@ class Pretrainer:
                             f"{self.dist.world_size} processes")
         seed_everything(cfg.SEED + self.dist.rank)
 
-        self.dataset = TwoViewDataset(cfg.DATA.TRAIN_DIR,
-                                      simsiam_augmentation(cfg.DATA.IMAGE_SIZE, cfg.DATA.MIN_SCALE))
+        self.device_augment = None
+        on_device = cfg.DATA.AUGMENT_ON == "device"
+        if on_device:
+            self.device_augment = DeviceAugmentation(self.device, IMAGENET_MEAN, IMAGENET_STD, BLUR_SIGMA[1])
+        augmentation = crop_and_params if on_device else simsiam_augmentation
+        self.dataset = TwoViewDataset(cfg.DATA.TRAIN_DIR, augmentation(cfg.DATA.IMAGE_SIZE, cfg.DATA.MIN_SCALE),
+                                      as_tensor=on_device)
         if len(self.dataset) < cfg.SOLVER.BATCH_SIZE:
             raise UserError(f"DATA.TRAIN_DIR {cfg.DATA.TRAIN_DIR}: {len(self.dataset)} images, fewer than one "
                             f"batch (SOLVER.BATCH_SIZE {cfg.SOLVER.BATCH_SIZE}); lower the batch size")
@@ -235,7 +245,11 @@ class Pretrainer:
                           worker_init_fn=functools.partial(seed_worker, base=base) if workers else None,
                           generator=torch.Generator().manual_seed(derived_seed(*base)), **batching)
 
-    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+    def to_device(self, x: Union[torch.Tensor, CropView]) -> torch.Tensor:
+        """A batch of views, ready for the model; ``CropView`` batches (DATA.AUGMENT_ON device) are
+        augmented here, so the steps, the alternation's targets and the §5.2 memory fill all see it."""
+        if isinstance(x, CropView):
+            x = self.device_augment(x)
         return to_device(x, self.device, self.memory_format)
 
     def forward_encoder(self, x: torch.Tensor) -> torch.Tensor:
