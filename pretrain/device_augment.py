@@ -101,17 +101,16 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Rotate the HSV hue by ``shift`` turns: RGB -> HSV, H + shift mod 1, HSV -> RGB (as torchvision's
     tensor ``adjust_hue``, per sample); greys keep their value."""
     r, g, b = x.unbind(1)
-    value, _ = x.max(dim=1)
-    delta = value - x.min(dim=1)[0]
-    saturation = delta / value.clamp_min(1e-12)
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    value = x.amax(dim=1)
+    chroma = value - x.amin(dim=1)  # = value * saturation
+    safe = torch.where(chroma > 0, chroma, 1.0)
     hue = torch.where(value == r, (g - b) / safe,
                       torch.where(value == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
-    hue6 = torch.remainder(hue + 6.0 * shift.view(-1, 1, 1), 6.0)  # hue in sixths of a turn
+    hue = hue + 6.0 * shift.view(-1, 1, 1)  # in sixths of a turn
     channels = []
     for n in (5.0, 3.0, 1.0):  # R, G, B of the closed-form HSV -> RGB
-        k = torch.remainder(n + hue6, 6.0)
-        channels.append(value - value * saturation * torch.minimum(k, 4.0 - k).clamp(0, 1))
+        k = torch.remainder(hue + n, 6.0)
+        channels.append(value - chroma * torch.minimum(k, 4.0 - k).clamp_(0, 1))
     return torch.stack(channels, dim=1)
 
 
