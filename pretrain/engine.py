@@ -166,10 +166,9 @@ class Pretrainer:
                             f"{self.dist.world_size} processes")
         seed_everything(cfg.SEED + self.dist.rank)
 
-        self.device_augment = None
-        on_device = cfg.DATA.AUGMENT_ON == "device"
-        if on_device:
-            self.device_augment = DeviceAugmentation(self.device, IMAGENET_MEAN, IMAGENET_STD, BLUR_SIGMA[1])
+        on_device = cfg.DATA.AUGMENT_ON == "device"  # workers crop and draw; to_device applies the rest
+        self.device_augment = (DeviceAugmentation(self.device, IMAGENET_MEAN, IMAGENET_STD, BLUR_SIGMA[1])
+                               if on_device else None)
         augmentation = crop_and_params if on_device else simsiam_augmentation
         self.dataset = TwoViewDataset(cfg.DATA.TRAIN_DIR, augmentation(cfg.DATA.IMAGE_SIZE, cfg.DATA.MIN_SCALE),
                                       as_tensor=on_device)
