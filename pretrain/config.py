@@ -23,6 +23,8 @@ _C.DATA.IMAGE_SIZE = 224      # crop size of both views
 _C.DATA.NUM_WORKERS = 8       # per process
 _C.DATA.CHECK_IMAGES = "auto" # decode TRAIN_DIR before OUTPUT_DIR is written: auto (<= 50k images) / always / never
 _C.DATA.MIN_SCALE = 0.2       # RandomResizedCrop scale lower bound (official: 0.2)
+_C.DATA.AUGMENT_ON = "auto"   # cpu: the official PIL pipeline in the loader; device: loader crops, the rest
+                              # runs batched on the training device; auto: device on CUDA, else cpu
 
 _C.MODEL = CN()
 _C.MODEL.BACKBONE = "resnet50"        # resnet18 / resnet34 / resnet50 / resnet101
@@ -82,6 +84,7 @@ CHOICES = {
     "MODEL.TARGET": ("siamese", "moving_average"),
     "LINEAR.OPTIMIZER": ("lars", "sgd"),
     "DATA.CHECK_IMAGES": ("auto", "always", "never"),
+    "DATA.AUGMENT_ON": ("auto", "cpu", "device"),
 }
 
 
@@ -116,6 +119,18 @@ def validate(cfg, source="config"):
                         "separate experiments; set one of them")
     if cfg.SOLVER.WARMUP_EPOCHS >= cfg.SOLVER.EPOCHS and cfg.SOLVER.WARMUP_EPOCHS > 0:
         raise UserError(f"{source}: SOLVER.WARMUP_EPOCHS must be < SOLVER.EPOCHS")
+
+
+def resolve_augment_on(cfg, device_type: str):
+    """``cfg`` with DATA.AUGMENT_ON ``auto`` replaced by what this run uses, so config.yaml and the
+    checkpoint record it: ``device`` where training runs on CUDA, ``cpu`` otherwise."""
+    if cfg.DATA.AUGMENT_ON != "auto":
+        return cfg
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.DATA.AUGMENT_ON = "device" if device_type == "cuda" else "cpu"
+    cfg.freeze()
+    return cfg
 
 
 def load_cfg(config_file=None, overrides=(), nodes=()):

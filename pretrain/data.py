@@ -12,11 +12,17 @@ from typing import List, Optional, Tuple
 import torch
 from PIL import ImageFilter
 from torchvision import transforms
+from torchvision.transforms.functional import pil_to_tensor
 
+from pretrain.device_augment import DrawViewParams, Uint8ResizedCrop
 from simsiam_transfer.errors import UserError
 from simsiam_transfer.resnet import IMAGENET_MEAN, IMAGENET_STD
 from simsiam_transfer.images import AUTO_SCAN_LIMIT, ImageScan, list_images, open_rgb, scan_files
 
+# The official recipe after the crop, shared by the CPU pipeline and the device one (DATA.AUGMENT_ON).
+COLOR_JITTER = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+P_JITTER, P_GRAYSCALE, P_BLUR, P_FLIP = 0.8, 0.2, 0.5, 0.5
+BLUR_SIGMA = (0.1, 2.0)
 
 
 class RandomGaussianBlur:
@@ -32,12 +38,21 @@ class RandomGaussianBlur:
 def simsiam_augmentation(size=224, min_scale=0.2):
     return transforms.Compose([
         transforms.RandomResizedCrop(size, scale=(min_scale, 1.0)),
-        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        transforms.RandomGrayscale(p=0.2),
-        transforms.RandomApply([RandomGaussianBlur((0.1, 2.0))], p=0.5),
-        transforms.RandomHorizontalFlip(),
+        transforms.RandomApply([transforms.ColorJitter(*COLOR_JITTER)], p=P_JITTER),
+        transforms.RandomGrayscale(p=P_GRAYSCALE),
+        transforms.RandomApply([RandomGaussianBlur(BLUR_SIGMA)], p=P_BLUR),
+        transforms.RandomHorizontalFlip(p=P_FLIP),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def crop_and_params(size=224, min_scale=0.2):
+    """``DATA.AUGMENT_ON device``: the official crop of a uint8 tensor image, and the rest of the official
+    random draws, for ``pretrain.device_augment.DeviceAugmentation`` to apply on the device."""
+    return transforms.Compose([
+        Uint8ResizedCrop(size, scale=(min_scale, 1.0)),
+        DrawViewParams(COLOR_JITTER, P_JITTER, P_GRAYSCALE, P_BLUR, BLUR_SIGMA, P_FLIP),
     ])
 
 
@@ -92,18 +107,22 @@ def draft_side(transform) -> int:
 
 
 class TwoViewDataset(torch.utils.data.Dataset):
-    """Unlabeled images -> (view1, view2, index); the index serves the Sec. 5.2 target memory."""
+    """Unlabeled images -> (view1, view2, index); the index serves the Sec. 5.2 target memory.
+    ``as_tensor``: the transform gets a uint8 (3, H, W) tensor, converted once for both views."""
 
-    def __init__(self, root, transform):
+    def __init__(self, root, transform, as_tensor=False):
         self.files = list_images(root)
         self.transform = transform
         self.min_side = draft_side(transform)
+        self.as_tensor = as_tensor
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, index):
         img = open_rgb(self.files[index], self.min_side)
+        if self.as_tensor:
+            img = pil_to_tensor(img)
         return self.transform(img), self.transform(img), index
 
 

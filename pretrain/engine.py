@@ -27,7 +27,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from pretrain import checkpoint, memory
-from pretrain.data import LabeledFolder, TwoViewDataset, check_train_images, eval_transform, simsiam_augmentation
+from pretrain.config import resolve_augment_on
+from pretrain.data import (BLUR_SIGMA, LabeledFolder, TwoViewDataset, check_train_images, crop_and_params,
+                           eval_transform, simsiam_augmentation)
+from pretrain.device_augment import CropView, DeviceAugmentation
 from pretrain.distributed import all_reduce_sum, cleanup, init_distributed
 from pretrain.hooks import HookBase, default_hooks
 from pretrain.loss import simsiam_loss
@@ -36,6 +39,7 @@ from pretrain.schedule import initial_lr
 from pretrain.targets import MovingAverageTargets, alternation
 from simsiam_transfer.errors import UserError
 from simsiam_transfer.locks import folder_lock
+from simsiam_transfer.resnet import IMAGENET_MEAN, IMAGENET_STD
 from simsiam_transfer.stopping import deferred_stop
 from simsiam_transfer.tf32 import set_tf32, tf32_enabled
 
@@ -173,6 +177,7 @@ class Pretrainer:
         self.dist = init_distributed()
         self.out = Path(cfg.OUTPUT_DIR)
         self.device = self.dist.device
+        self.cfg = cfg = resolve_augment_on(cfg, self.device.type)
         self.precision = choose_precision(bool(cfg.SOLVER.AMP), self.device)
         configure_backends(self.device, bool(cfg.SOLVER.TF32))
         # What each epoch's record carries: the arithmetic the numbers were made with.
@@ -184,8 +189,12 @@ class Pretrainer:
                             f"{self.dist.world_size} processes")
         seed_everything(cfg.SEED + self.dist.rank)
 
-        self.dataset = TwoViewDataset(cfg.DATA.TRAIN_DIR,
-                                      simsiam_augmentation(cfg.DATA.IMAGE_SIZE, cfg.DATA.MIN_SCALE))
+        on_device = cfg.DATA.AUGMENT_ON == "device"  # workers crop and draw; to_device applies the rest
+        self.device_augment = (DeviceAugmentation(self.device, IMAGENET_MEAN, IMAGENET_STD, BLUR_SIGMA[1])
+                               if on_device else None)
+        augmentation = crop_and_params if on_device else simsiam_augmentation
+        self.dataset = TwoViewDataset(cfg.DATA.TRAIN_DIR, augmentation(cfg.DATA.IMAGE_SIZE, cfg.DATA.MIN_SCALE),
+                                      as_tensor=on_device)
         if len(self.dataset) < cfg.SOLVER.BATCH_SIZE:
             raise UserError(f"DATA.TRAIN_DIR {cfg.DATA.TRAIN_DIR}: {len(self.dataset)} images, fewer than one "
                             f"batch (SOLVER.BATCH_SIZE {cfg.SOLVER.BATCH_SIZE}); lower the batch size")
@@ -260,7 +269,11 @@ class Pretrainer:
                           worker_init_fn=functools.partial(seed_worker, base=base) if workers else None,
                           generator=torch.Generator().manual_seed(derived_seed(*base)), **batching)
 
-    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+    def to_device(self, x: Union[torch.Tensor, CropView]) -> torch.Tensor:
+        """A batch of views, ready for the model; ``CropView`` batches (DATA.AUGMENT_ON device) are
+        augmented here, so the steps, the alternation's targets and the §5.2 memory fill all see it."""
+        if isinstance(x, CropView):
+            x = self.device_augment(x)
         return to_device(x, self.device, self.memory_format)
 
     def forward_encoder(self, x: torch.Tensor) -> torch.Tensor:
