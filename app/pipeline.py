@@ -145,6 +145,7 @@ def _row(row_id: str, node) -> Row:
 
 def _validate(cfg, source):
     name = schema.namer(source)
+    schema.validate_sweep(cfg.SWEEP, name)
     if not len(cfg.ROWS):
         raise UserError(f"{source}: ROWS is empty; list at least one row (see configs/pipeline/mini.yaml)")
     for key in _PER_SWEEP:
@@ -157,7 +158,6 @@ def _validate(cfg, source):
             raise UserError(f"{source}: BENCH.TRIALS_PER_BENCHMARK.{bm}: not in BENCH.BENCHMARKS")
         if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
             raise UserError(f"{source}: BENCH.TRIALS_PER_BENCHMARK.{bm} must be an integer >= 1, got {trials!r}")
-    schema.validate_sweep(cfg.SWEEP, name)
     if cfg.PRETRAIN.EXECUTOR not in ("", *schema.EXECUTORS):
         raise UserError(f"{name('PRETRAIN.EXECUTOR')} {cfg.PRETRAIN.EXECUTOR!r}: use one of "
                         f"{', '.join(schema.EXECUTORS)}, or leave it empty for SWEEP.EXECUTOR")

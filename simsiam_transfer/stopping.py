@@ -45,7 +45,16 @@ _deferred: List[int] = []  # stop signals that arrived inside ``deferred_stop``
 _deferring = False
 
 
+_installed_in: List[int] = []  # the pid that installed the handlers
+
+
 def _raise_stopped(signum, _frame):
+    if _installed_in and os.getpid() != _installed_in[0]:
+        # A forked helper (a pool or loader worker) inherited the handler: it ends as it would by default,
+        # or a worker holding a queue's lock would unwind instead of dying and its pool could hang.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     if _deferring:
         _deferred.append(signum)
         return
@@ -53,8 +62,10 @@ def _raise_stopped(signum, _frame):
 
 
 def install_handlers() -> None:
-    """SIGTERM and SIGINT raise ``Stopped`` in the main thread."""
+    """SIGTERM and SIGINT raise ``Stopped`` in the main thread of this process (forked helpers keep the
+    default behaviour)."""
     if threading.current_thread() is threading.main_thread():
+        _installed_in[:] = [os.getpid()]
         signal.signal(signal.SIGTERM, _raise_stopped)
         signal.signal(signal.SIGINT, _raise_stopped)
 

@@ -81,7 +81,8 @@ def _fake_one_gpu(monkeypatch):
 
 def test_pretrain_with_two_local_ranks_on_one_gpu_is_one_line(monkeypatch, tmp_path, capsys):
     _fake_one_gpu(monkeypatch)
-    for key, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
+    for key, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():  # as torchrun sets them
         monkeypatch.setenv(key, value)
     images = tmp_path / "images"
     images.mkdir()

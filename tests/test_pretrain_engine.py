@@ -308,8 +308,9 @@ def test_knn_features_are_split_over_ranks_and_gathered(tmp_path):
         assert res["varlen"].tolist() == [0, 0, 1]
 
 
-def _torchrun(synthetic, out, port, *extra):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+def _torchrun(synthetic, out, *extra):
+    # --standalone: a free port on this host (a fixed one collides with the suite's other workers)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "app.cli"] + [str(a) for a in _mini_args(synthetic, out, "SOLVER.EPOCHS", 1, *extra)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
 
@@ -317,7 +318,7 @@ def _torchrun(synthetic, out, port, *extra):
 @pytest.mark.parametrize("ablation", [[], ["MODEL.PREDICTOR", "none", "MODEL.TARGET", "moving_average"]],
                          ids=["default", "moving_average"])
 def test_two_process_gloo_run_with_knn(synthetic, tmp_path, ablation):
-    proc = _torchrun(synthetic, tmp_path, 29561 + len(ablation), *ablation)
+    proc = _torchrun(synthetic, tmp_path, *ablation)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (record,) = _metrics(tmp_path)
     assert 0 <= record["knn_top1"] <= 100 and record["steps"] == 2
@@ -330,7 +331,7 @@ def test_two_process_gloo_run_with_knn(synthetic, tmp_path, ablation):
 
 
 def test_two_process_divergence_is_the_one_line_message(synthetic, tmp_path):
-    proc = _torchrun(synthetic, tmp_path, 29571, "SOLVER.BASE_LR", "1e30", "SOLVER.LOG_PERIOD", 1)
+    proc = _torchrun(synthetic, tmp_path, "SOLVER.BASE_LR", "1e30", "SOLVER.LOG_PERIOD", 1)
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error: training diverged: ")]
     # Both ranks stop at the same step; torchrun then ends whichever rank has not printed yet.
