@@ -7,7 +7,6 @@ name. Oversize means more pixels than PIL's decompression-bomb limit (``Image.MA
 """
 
 import dataclasses
-import multiprocessing
 import os
 import re
 import time
@@ -19,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from simsiam_transfer.errors import UserError
+from simsiam_transfer.stopping import worker_pool
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp"}
 # pretrain scans folders up to this many images by default (DATA.CHECK_IMAGES auto); see README.
@@ -155,7 +155,7 @@ def parallel_map(fn: Callable, items: Sequence, workers: int, desc: str) -> list
     if workers <= 0 or len(items) < 64:
         return [fn(x) for x in tqdm(items, **bar)]
     chunk = max(1, min(256, len(items) // (workers * 8)))
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    with worker_pool("fork", workers) as pool:
         return list(tqdm(pool.imap(fn, items, chunksize=chunk), **bar))
 
 

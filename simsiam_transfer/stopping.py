@@ -149,3 +149,23 @@ class Children:
                 proc.wait()
             # The group may outlive its leader (a loader worker still unwinding): end it too.
             _signal_group(proc, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def worker_pool(start_method: str, workers: int):
+    """A multiprocessing pool that ends by closing (its workers finish and exit on their own) and is
+    terminated only when the work fails or is stopped. ``Pool.__exit__`` terminates: it SIGTERMs workers
+    that may have just forked, and a signal that arrives before a Python child has set itself up is lost,
+    leaving a worker that never exits and a pool that waits for it forever."""
+    import multiprocessing
+
+    pool = multiprocessing.get_context(start_method).Pool(workers)
+    try:
+        yield pool
+    except BaseException:
+        pool.terminate()
+        raise
+    else:
+        pool.close()
+    finally:
+        pool.join()

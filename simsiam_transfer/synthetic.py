@@ -18,7 +18,6 @@ whatever the number of worker processes.
 
 import json
 import math
-import multiprocessing
 import os
 from pathlib import Path
 from typing import Dict, List
@@ -31,6 +30,7 @@ from skimage import data
 from simsiam_transfer.atomic import atomic_dir, check_output_dir
 from simsiam_transfer.catalog import write_catalog as write_catalog_file
 from simsiam_transfer.errors import UserError
+from simsiam_transfer.stopping import worker_pool
 
 CLASSES = ("disk", "square", "triangle")
 VOC_NAME = "synthetic_voc"
@@ -201,7 +201,7 @@ def _render_all(jobs, workers):
     if workers <= 1 or len(jobs) < 32:
         return [_render(j) for j in jobs]
     # spawn: safe when the caller already runs threaded libraries (torch) in this process.
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    with worker_pool("spawn", workers) as pool:
         return pool.map(_render, jobs, chunksize=max(1, len(jobs) // (8 * workers)))
 
 
