@@ -23,7 +23,7 @@ def _make_synthetic(args):
     from simsiam_transfer.synthetic import make_synthetic
 
     out = make_synthetic(args.out, seed=args.seed, num_train=args.num_train, num_test=args.num_test,
-                         num_unlabeled=args.num_unlabeled, image_size=args.image_size)
+                         num_unlabeled=args.num_unlabeled, image_size=args.image_size, num_labeled=args.num_labeled)
     print(f"wrote generated datasets to {out} (catalog: {out / 'datasets.yaml'})")
     return 0
 
@@ -203,6 +203,8 @@ def build_parser():
     p.add_argument("--num-train", type=int, default=300, help="VOC trainval / COCO train images")
     p.add_argument("--num-test", type=int, default=200, help="VOC test / COCO val images")
     p.add_argument("--num-unlabeled", type=int, default=4000, help="unlabeled pretraining images")
+    p.add_argument("--num-labeled", type=int, default=100,
+                   help="labeled training images per class (kNN monitor, supervised pretraining)")
     p.add_argument("--image-size", type=int, default=128)
     p.set_defaults(func=_make_synthetic)
     p = _sub(data_sub, "check", "validate a VOC root, a COCO json + image folder, or an image folder",

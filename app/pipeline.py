@@ -45,6 +45,7 @@ from detection.spec import SweepSpec
 from pretrain import outputs as pretrain_outputs
 from pretrain.config import load_cfg as load_pretrain_cfg
 from pretrain.launch import submit_pretraining
+from pretrain.methods import method_class
 from simsiam_transfer import atomic
 from simsiam_transfer.config import CfgNode as CN
 from simsiam_transfer.config import load, merge_node
@@ -62,6 +63,7 @@ _P.DATA.SYNTHETIC_SIZE = CN()     # image counts of the generated data; 0 = the 
 _P.DATA.SYNTHETIC_SIZE.NUM_TRAIN = 0
 _P.DATA.SYNTHETIC_SIZE.NUM_TEST = 0
 _P.DATA.SYNTHETIC_SIZE.NUM_UNLABELED = 0
+_P.DATA.SYNTHETIC_SIZE.NUM_LABELED = 0  # labeled training images per class (kNN, supervised rows)
 _P.PRETRAIN = CN()
 _P.PRETRAIN.EXECUTOR = ""        # local (torchrun on this node) / slurm / submitit-local; "" = SWEEP.EXECUTOR
 _P.PRETRAIN.NPROC_PER_NODE = -1  # processes (GPUs) per node: -1 = every visible GPU (1 on CPU), 8 on Slurm
@@ -192,6 +194,14 @@ def load_pipeline_cfg(config_file, overrides=()):
         raise
 
 
+def with_train_dir(cfg, folder):
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.DATA.TRAIN_DIR = str(folder)
+    cfg.freeze()
+    return cfg
+
+
 def pretrain_processes(requested: int, executor: str = "local") -> int:
     """Processes per node of a pretraining run: as configured, else one per visible GPU (1 on CPU); on
     Slurm the protocol's 8 GPUs of a node (the submitting host need not have any)."""
@@ -252,8 +262,11 @@ class Pipeline:
                 overrides += ["DATA.TRAIN_DIR", str(self.data_dir / "unlabeled"),
                               "DATA.KNN_TRAIN_DIR", str(self.data_dir / "labeled/train"),
                               "DATA.KNN_VAL_DIR", str(self.data_dir / "labeled/val")]
-            self._pretrain_cfgs[row.id] = load_pretrain_cfg(row.pretrain_config, overrides,
-                                                            nodes=[(row.pretrain_cfg, f"ROWS.{row.id}.PRETRAIN.CFG")])
+            cfg = load_pretrain_cfg(row.pretrain_config, overrides,
+                                    nodes=[(row.pretrain_cfg, f"ROWS.{row.id}.PRETRAIN.CFG")])
+            if self.cfg.DATA.SYNTHETIC and method_class(cfg.MODEL.METHOD).labeled:
+                cfg = with_train_dir(cfg, self.data_dir / "labeled/train")  # a labeled method's class folders
+            self._pretrain_cfgs[row.id] = cfg
         return self._pretrain_cfgs[row.id]
 
     def cpu_jobs(self) -> int:

@@ -85,9 +85,9 @@ def make_input(path: Path) -> None:
     import torch
 
     from pretrain.config import load_cfg
-    from pretrain.model import build_model
+    from pretrain.methods import build_method
 
-    model = build_model(load_cfg(None, ["MODEL.BACKBONE", "resnet50"]))
+    model = build_method(load_cfg(None, ["MODEL.BACKBONE", "resnet50"]))
     state = {f"module.{k}": v for k, v in model.state_dict().items()}
     torch.save({"epoch": 100, "arch": "resnet50", "state_dict": state}, path)
 

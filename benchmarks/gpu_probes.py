@@ -144,13 +144,13 @@ def simsiam_activation_count(backbones, size=224, images=4):
     """GiB per image (both views) that the SimSiam training forward keeps for backward, fp32 and CPU bf16
     autocast: the basis of ``pretrain/memory.py``'s pre-flight."""
     from pretrain.config import get_cfg
-    from pretrain.model import build_model
+    from pretrain.methods import build_method
 
     rows = {}
     for backbone in backbones:
         cfg = get_cfg()
         cfg.MODEL.BACKBONE = backbone
-        model = build_model(cfg).train()
+        model = build_method(cfg).train()
         x1, x2 = torch.randn(images, 3, size, size), torch.randn(images, 3, size, size)
         for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
             with SavedTensors() as saved, torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
@@ -180,7 +180,7 @@ def simsiam_step(backbone, size, batches, steps=10, warmup=3):
     """img/s and peak memory of the engine's SimSiam step (``train_step``), fp32 and bf16, channels_last."""
     from pretrain.config import get_cfg
     from pretrain.engine import Precision, configure_backends, prepare_model, to_device, train_step
-    from pretrain.model import build_model
+    from pretrain.methods import build_method
 
     device = _device()
     configure_backends(device, tf32=False)
@@ -191,7 +191,7 @@ def simsiam_step(backbone, size, batches, steps=10, warmup=3):
     for batch in batches:
         for dtype in dtypes:
             torch.manual_seed(0)
-            model = prepare_model(build_model(cfg), device)
+            model = prepare_model(build_method(cfg), device)
             optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
             x1, x2 = (to_device(torch.randn(batch, 3, size, size), device) for _ in range(2))
             precision = Precision(device.type, dtype)
@@ -201,11 +201,11 @@ def simsiam_step(backbone, size, batches, steps=10, warmup=3):
             row = {"batch": batch, "precision": precision.name}
             try:
                 for _ in range(warmup):
-                    train_step(model, optimizer, x1, x2, precision=precision)
+                    train_step(model, optimizer, (x1, x2), precision=precision)
                 _sync(device)
                 start = time.perf_counter()
                 for _ in range(steps):
-                    train_step(model, optimizer, x1, x2, precision=precision)
+                    train_step(model, optimizer, (x1, x2), precision=precision)
                 _sync(device)
                 row["img_per_s"] = round(batch * steps / (time.perf_counter() - start), 1)
             except torch.OutOfMemoryError:
@@ -224,7 +224,7 @@ def ddp_world1(steps=3):
 
     from pretrain.config import get_cfg
     from pretrain.engine import prepare_model, to_device, train_step
-    from pretrain.model import build_model
+    from pretrain.methods import build_method
 
     device = _device()
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -234,7 +234,7 @@ def ddp_world1(steps=3):
     try:
         cfg = get_cfg()
         cfg.MODEL.BACKBONE, cfg.MODEL.DIM, cfg.MODEL.PRED_DIM = "resnet18", 512, 128
-        model = build_model(cfg)
+        model = build_method(cfg)
         if device.type == "cuda":  # SyncBatchNorm runs on CUDA only
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = prepare_model(model, device)
@@ -243,7 +243,7 @@ def ddp_world1(steps=3):
         losses = []
         for _ in range(steps):
             x1, x2 = (to_device(torch.randn(8, 3, 64, 64), device) for _ in range(2))
-            losses.append(float(train_step(ddp, optimizer, x1, x2)[0]))
+            losses.append(float(train_step(ddp, optimizer, (x1, x2))[0]))
         total = torch.ones(1, device=device)
         dist.all_reduce(total)
         parts = [torch.zeros(1, device=device)]
@@ -260,12 +260,12 @@ def random_knn(overrides):
     from pretrain.config import load_cfg
     from pretrain.engine import Precision, knn_folders, memory_format, prepare_model, seed_everything
     from pretrain.knn import extract_features, weighted_knn_top1
-    from pretrain.model import build_model
+    from pretrain.methods import build_method
 
     cfg = load_cfg(None, overrides)
     device = _device()
     seed_everything(cfg.SEED)
-    model = prepare_model(build_model(cfg), device, memory_format(device, Precision(device.type))).eval()
+    model = prepare_model(build_method(cfg), device, memory_format(device, Precision(device.type))).eval()
     train, val = knn_folders(cfg)
     train_f, train_y = extract_features(model.backbone_features, train, device)
     val_f, val_y = extract_features(model.backbone_features, val, device)

@@ -185,7 +185,7 @@ def timed_steps(trainer, batches, warmup: int, steps: int) -> dict:
             _sync(trainer.device)
             util.start()
             start = time.perf_counter()
-        trainer.step_outputs = trainer.run_step(x1, x2, index)
+        trainer.step_outputs = trainer.run_step((x1, x2, index))
         trainer._call("after_step")
     _sync(trainer.device)
     elapsed = time.perf_counter() - start

@@ -94,7 +94,7 @@ def measure_workers(data: Path, work: Path, workers: int, rounds: int, warmup: i
         trainer._call("before_epoch")
         trainer.ddp.train()
         for trainer.iter, (x1, x2, index) in enumerate(batches):
-            trainer.step_outputs = trainer.run_step(x1, x2, index)
+            trainer.step_outputs = trainer.run_step((x1, x2, index))
             trainer._call("after_step")
 
     wall, cpu = interleaved({"e2e": e2e, "bare": bare}, rounds, steps=1, warmup=warmup)

@@ -33,7 +33,7 @@ from _common import emit, interleaved, machine, median, paired_ratio
 from pretrain.config import load_cfg
 from pretrain.loss import normalized_std, simsiam_loss
 from pretrain.engine import choose_precision, memory_format, prepare_model, to_device, train_step
-from pretrain.model import build_model
+from pretrain.methods import build_method
 
 CASES = {  # name: (backbone, crop px, batch, DIM, PRED_DIM) -- R18 as the mini recipe, R50 as the paper
     "r18_64": ("resnet18", 64, 64, 512, 128),
@@ -82,7 +82,7 @@ def reference_step(backbone: str, dim: int, pred_dim: int, lr: float):
 def our_step(cfg, channels_last: bool, bf16: bool, compiled: bool = False):
     """Our model, loss and optimizer with the CPU levers set by hand (for the lever table);
     ``compiled``: the model under ``torch.compile`` (inductor, default mode; compiled in warm-up)."""
-    model = build_model(cfg)
+    model = build_method(cfg)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
@@ -111,7 +111,7 @@ def engine_step(cfg):
     device = torch.device("cpu")
     precision = choose_precision(bool(cfg.SOLVER.AMP), device)
     fmt = memory_format(device, precision)
-    model = prepare_model(build_model(cfg), device, fmt)
+    model = prepare_model(build_method(cfg), device, fmt)
     model.train()
     optimizer = torch.optim.SGD(model.parameter_groups(cfg.SOLVER.FIX_PRED_LR), lr=cfg.SOLVER.BASE_LR,
                                 momentum=cfg.SOLVER.MOMENTUM, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
@@ -119,7 +119,7 @@ def engine_step(cfg):
 
     def step(x1, x2):
         nonlocal sums
-        loss, z1 = train_step(model, optimizer, to_device(x1, device, fmt), to_device(x2, device, fmt),
+        loss, z1 = train_step(model, optimizer, (to_device(x1, device, fmt), to_device(x2, device, fmt)),
                               precision=precision)
         sums = sums + torch.stack([loss.float(), normalized_std(z1), (~torch.isfinite(loss)).float()])
     return step

@@ -88,7 +88,8 @@ def _diagnose(backbone, training):
         decay_only = decay_only_scale(training.get("history"), training.get("weight_decay", 0.0),
                                       training.get("momentum", 0.0))
     stats = residual_scale_stats(backbone, decay_only)
-    return stats, pretraining_check(stats, training.get("history"), training.get("dim", 0), decay_only)
+    return stats, pretraining_check(stats, training.get("history"), training.get("dim", 0), decay_only,
+                                    training.get("method", "simsiam"))
 
 
 def check_pretraining_run(checkpoint_path) -> dict:

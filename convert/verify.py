@@ -36,6 +36,8 @@ STUCK_AT_ONE = 0.005
 DECAY_ONLY_FRACTION = 0.1
 # A SimSiam run that learned reaches a loss well below this (trained: -0.6 to -0.9; untouched: ~0).
 LEARNED_LOSS = -0.3
+# A classifier that learned ends well below the loss of guessing, ln(classes).
+LEARNED_OF_CHANCE = 0.8
 # std of the l2-normalised output times sqrt(d): ~1 when spread out, ~0 when collapsed (paper Fig. 2).
 COLLAPSED_Z_STD = 0.1
 
@@ -151,17 +153,25 @@ def stuck_scale_warnings(stats: dict, tolerance: float = STUCK_AT_ONE, decay_onl
 
 
 def training_warnings(history: list, dim: int, loss_threshold: float = LEARNED_LOSS,
-                      collapsed: float = COLLAPSED_Z_STD) -> list:
-    """Problems read from a pretraining checkpoint's ``history`` (per-epoch loss and z_std)."""
+                      collapsed: float = COLLAPSED_Z_STD, method: str = "simsiam") -> list:
+    """Problems read from a pretraining checkpoint's ``history`` (per-epoch loss and z_std). SimSiam's loss
+    must fall below ``loss_threshold`` and its output must not collapse; a method that records the loss of
+    guessing (``chance_loss``: supervised) must get below ``LEARNED_OF_CHANCE`` of it; other methods' losses
+    have no known scale and are not judged."""
     if not history:
         return []
     warnings = []
     best = min(float(r["loss"]) for r in history)
-    if best > loss_threshold:
+    steps = sum(int(r.get("steps", 0)) for r in history)
+    chance = history[-1].get("chance_loss")
+    if method == "simsiam" and best > loss_threshold:
         warnings.append(f"pretraining loss never went below {loss_threshold} (best {best:.4f} over "
-                        f"{len(history)} epoch(s), {sum(int(r.get('steps', 0)) for r in history)} steps): "
-                        "SimSiam did not learn")
-    z = float(history[-1]["z_std"]) * math.sqrt(dim) if dim else None
+                        f"{len(history)} epoch(s), {steps} steps): SimSiam did not learn")
+    elif method != "simsiam" and isinstance(chance, (int, float)) and best > LEARNED_OF_CHANCE * chance:
+        warnings.append(f"{method} loss never went below {LEARNED_OF_CHANCE:g} x the loss of guessing "
+                        f"({chance:.3f}; best {best:.4f} over {len(history)} epoch(s), {steps} steps): it did not "
+                        "learn the classes")
+    z = float(history[-1]["z_std"]) * math.sqrt(dim) if dim and method == "simsiam" else None
     if z is not None and z < collapsed:
         warnings.append(f"final z_std*sqrt(d) {z:.3f} < {collapsed}: the output collapsed to a constant "
                         "(as without stop-gradient, paper Fig. 2)")
@@ -169,12 +179,13 @@ def training_warnings(history: list, dim: int, loss_threshold: float = LEARNED_L
 
 
 def pretraining_check(stats: dict, history: Optional[list] = None, dim: int = 0,
-                      decay_only: Optional[float] = None) -> dict:
+                      decay_only: Optional[float] = None, method: str = "simsiam") -> dict:
     """The no-op/collapse verdict of one pretrained backbone: ``{"ok", "problems", "advice", ...}``."""
-    problems = stuck_scale_warnings(stats, decay_only=decay_only) + training_warnings(history or [], dim)
-    advice = ("train longer (more SOLVER.EPOCHS or images), raise SOLVER.BASE_LR, and check "
-              "MODEL.STOP_GRADIENT / MODEL.PREDICTOR; fine-tuning this backbone measures its initialisation, "
-              "not SimSiam") if problems else ""
+    problems = stuck_scale_warnings(stats, decay_only=decay_only) + training_warnings(history or [], dim,
+                                                                                       method=method)
+    checks = "MODEL.STOP_GRADIENT / MODEL.PREDICTOR" if method == "simsiam" else "the labels and SOLVER.*"
+    advice = (f"train longer (more SOLVER.EPOCHS or images), raise SOLVER.BASE_LR, and check {checks}; "
+              f"fine-tuning this backbone measures its initialisation, not {method}") if problems else ""
     return {
         "ok": not problems, "problems": problems, "advice": advice,
         "best_loss": min((float(r["loss"]) for r in history), default=None) if history else None,

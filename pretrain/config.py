@@ -27,6 +27,7 @@ _C.DATA.AUGMENT_ON = "auto"   # cpu: the official PIL pipeline in the loader; de
                               # runs batched on the training device; auto: device on CUDA, else cpu
 
 _C.MODEL = CN()
+_C.MODEL.METHOD = "simsiam"           # the pretraining method (pretrain/methods): simsiam / supervised / ...
 _C.MODEL.BACKBONE = "resnet50"        # resnet18 / resnet34 / resnet50 / resnet101
 _C.MODEL.ZERO_INIT_RESIDUAL = True    # official; short CPU runs need False (README)
 _C.MODEL.DIM = 2048                   # projector hidden/output dim d
@@ -90,6 +91,13 @@ CHOICES = {
 
 def validate(cfg, source="config"):
     """Values yacs cannot check by type; returns nothing, raises UserError naming the key."""
+    from pretrain.methods import METHODS  # the registry holds the shipped methods and any registered since
+
+    if cfg.MODEL.METHOD not in METHODS:
+        raise UserError(f"{source}: MODEL.METHOD {cfg.MODEL.METHOD!r} is not one of {sorted(METHODS)}")
+    if cfg.MODEL.METHOD != "simsiam" and (cfg.MODEL.TARGET != "siamese" or cfg.MODEL.ALTERNATION_STEPS != 1):
+        raise UserError(f"{source}: MODEL.TARGET and MODEL.ALTERNATION_STEPS are SimSiam's Sec. 5.2 ablations; "
+                        f"leave them at siamese / 1 with MODEL.METHOD {cfg.MODEL.METHOD}")
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
         value = cfg[section][name]

@@ -131,15 +131,22 @@ class LabeledFolder(torch.utils.data.Dataset):
 
     def __init__(self, root, transform, key="DATA.KNN_TRAIN_DIR", classes=None):
         root = Path(root)
-        if not root.is_dir():
-            raise UserError(f"{key} {root}: not a folder; expected <root>/<class>/<image> sub-folders")
-        self.classes = classes or sorted(p.name for p in root.iterdir() if p.is_dir())
-        if not self.classes:
-            raise UserError(f"{key} {root}: no class sub-folders")
+        self.classes = classes or self.class_names(root, key)
         self.samples = [(f, i) for i, c in enumerate(self.classes) if (root / c).is_dir()
                         for f in list_images(root / c, key)]
         self.transform = transform
         self.min_side = draft_side(transform)
+
+    @staticmethod
+    def class_names(root, key):
+        """The sorted class sub-folders of ``root`` (ImageFolder's order), or one line naming ``key``."""
+        root = Path(root) if root else None
+        if root is None or not root.is_dir():
+            raise UserError(f"{key} {root or '(empty)'}: not a folder; expected <root>/<class>/<image> sub-folders")
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        if not classes:
+            raise UserError(f"{key} {root}: no class sub-folders; expected <root>/<class>/<image>")
+        return classes
 
     def __len__(self):
         return len(self.samples)

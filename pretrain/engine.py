@@ -28,13 +28,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from pretrain import checkpoint, memory
 from pretrain.config import resolve_augment_on
-from pretrain.data import (BLUR_SIGMA, LabeledFolder, TwoViewDataset, check_train_images, crop_and_params,
-                           eval_transform, simsiam_augmentation)
+from pretrain.data import BLUR_SIGMA, LabeledFolder, check_train_images, eval_transform
 from pretrain.device_augment import CropView, DeviceAugmentation
 from pretrain.distributed import all_reduce_sum, cleanup, init_distributed
 from pretrain.hooks import HookBase, default_hooks
-from pretrain.loss import simsiam_loss
-from pretrain.model import build_model
+from pretrain.methods import PretrainMethod, build_method
 from pretrain.schedule import initial_lr
 from pretrain.targets import MovingAverageTargets, alternation
 from simsiam_transfer.errors import UserError
@@ -128,22 +126,20 @@ def to_device(x: torch.Tensor, device: torch.device, fmt: torch.memory_format = 
 Targets = Union[None, Tuple[torch.Tensor, torch.Tensor], Callable]
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x1: torch.Tensor, x2: torch.Tensor, *,
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs: Sequence[torch.Tensor],
+               aux: Optional[dict] = None, *, method: Optional[PretrainMethod] = None,
                precision: Precision = Precision(), scaler: Optional[torch.amp.GradScaler] = None,
-               targets: Targets = None, loss_kwargs: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One SimSiam SGD step; returns (loss, z1), both detached and still on the device (no host sync).
+               targets: Targets = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step of any method; returns (loss, z), both detached and still on the device (no host sync).
 
-    ``targets``: None (siamese: the other view's z), a cached (t1, t2) pair (k-step alternation) or
-    ``fn(z1, z2) -> (t1, t2)`` (moving-average memory).
+    ``model`` runs the forward (the method itself, or its DDP wrapper); ``method`` (default: the model
+    unwrapped) computes the loss from its outputs, ``aux`` (e.g. labels) and ``targets`` (SimSiam's Sec.
+    5.2 variants).
     """
+    method = method or getattr(model, "module", model)
     with torch.autocast(precision.device_type, dtype=precision.dtype, enabled=precision.dtype is not None):
-        p1, p2, z1, z2 = model(x1, x2)
-    p1, p2, z1, z2 = p1.float(), p2.float(), z1.float(), z2.float()
-    if callable(targets):
-        t1, t2 = targets(z1, z2)
-    else:
-        t1, t2 = targets if targets is not None else (z1, z2)
-    loss = simsiam_loss(p1, p2, t1, t2, **(loss_kwargs or {}))
+        outputs = model(*inputs)
+    loss, z = method.loss(outputs, aux or {}, targets)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None and scaler.is_enabled():
         scaler.scale(loss).backward()
@@ -152,7 +148,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x1: tor
     else:
         loss.backward()
         optimizer.step()
-    return loss.detach(), z1.detach()
+    return loss.detach(), z.detach()
 
 
 # -- the trainer -------------------------------------------------------------------------------------
@@ -177,7 +173,11 @@ class Pretrainer:
         self.dist = init_distributed()
         self.out = Path(cfg.OUTPUT_DIR)
         self.device = self.dist.device
-        self.cfg = cfg = resolve_augment_on(cfg, self.device.type)
+        self.model: PretrainMethod = build_method(cfg)
+        if cfg.DATA.AUGMENT_ON == "device" and not self.model.device_augmentation:
+            raise UserError(f"DATA.AUGMENT_ON device: MODEL.METHOD {cfg.MODEL.METHOD} augments in its loader only; "
+                            "use cpu or auto")
+        self.cfg = cfg = resolve_augment_on(cfg, self.device.type if self.model.device_augmentation else "cpu")
         self.precision = choose_precision(bool(cfg.SOLVER.AMP), self.device)
         configure_backends(self.device, bool(cfg.SOLVER.TF32))
         # What each epoch's record carries: the arithmetic the numbers were made with.
@@ -192,9 +192,7 @@ class Pretrainer:
         on_device = cfg.DATA.AUGMENT_ON == "device"  # workers crop and draw; to_device applies the rest
         self.device_augment = (DeviceAugmentation(self.device, IMAGENET_MEAN, IMAGENET_STD, BLUR_SIGMA[1])
                                if on_device else None)
-        augmentation = crop_and_params if on_device else simsiam_augmentation
-        self.dataset = TwoViewDataset(cfg.DATA.TRAIN_DIR, augmentation(cfg.DATA.IMAGE_SIZE, cfg.DATA.MIN_SCALE),
-                                      as_tensor=on_device)
+        self.dataset = self.model.train_dataset(cfg)
         if len(self.dataset) < cfg.SOLVER.BATCH_SIZE:
             raise UserError(f"DATA.TRAIN_DIR {cfg.DATA.TRAIN_DIR}: {len(self.dataset)} images, fewer than one "
                             f"batch (SOLVER.BATCH_SIZE {cfg.SOLVER.BATCH_SIZE}); lower the batch size")
@@ -206,9 +204,9 @@ class Pretrainer:
         if cfg.SOLVER.MAX_ITERS_PER_EPOCH > 0:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.SOLVER.MAX_ITERS_PER_EPOCH)
 
-        self.model = build_model(cfg)
         memory.check_fits(cfg, self.precision.name, self.dist.world_size,
-                          sum(p.numel() for p in self.model.parameters()), memory.gpu_gib(self.device))
+                          sum(p.numel() for p in self.model.parameters()), memory.gpu_gib(self.device),
+                          views=self.model.views)
         if self.dist.distributed and self.device.type == "cuda":
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.memory_format = memory_format(self.device, self.precision)
@@ -221,8 +219,6 @@ class Pretrainer:
         if cfg.MODEL.TARGET == "moving_average":
             self.targets = MovingAverageTargets(len(self.dataset), cfg.MODEL.DIM,
                                                 cfg.MODEL.TARGET_MOMENTUM, self.device)
-        self.loss_kwargs = dict(stop_gradient=cfg.MODEL.STOP_GRADIENT, similarity=cfg.MODEL.SIMILARITY,
-                                symmetric=cfg.MODEL.SYMMETRIC)
         self.start_epoch, self.history = 0, []  # type: int, list
         self._resume()
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
@@ -297,19 +293,20 @@ class Pretrainer:
                            k, steps, self._alternation_target, (checkpoint.rng_state, checkpoint.set_rng_state))
 
     # -- the loop -------------------------------------------------------------------------------------
-    def run_step(self, x1, x2, index, cached=None):
+    def run_step(self, batch, cached=None):
+        """One step of the method on a loader batch; ``cached``: the k-step alternation's targets."""
+        inputs, aux = self.model.step_inputs(batch)
+        aux = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in aux.items()}
         targets = cached
         if self.targets is not None:
-            index = index.to(self.device, non_blocking=True)
-            targets = functools.partial(self.targets.targets, index, dist_info=self.dist)
-        return train_step(self.ddp, self.optimizer, self.to_device(x1), self.to_device(x2),
-                          precision=self.precision, scaler=self.scaler, targets=targets,
-                          loss_kwargs=self.loss_kwargs)
+            targets = functools.partial(self.targets.targets, aux["index"], dist_info=self.dist)
+        return train_step(self.ddp, self.optimizer, [self.to_device(x) for x in inputs], aux, method=self.model,
+                          precision=self.precision, scaler=self.scaler, targets=targets)
 
     def train_one_epoch(self) -> None:
         self.ddp.train()
-        for self.iter, ((x1, x2, index), cached) in enumerate(self.epoch_batches(self.epoch)):
-            self.step_outputs = self.run_step(x1, x2, index, cached)
+        for self.iter, (batch, cached) in enumerate(self.epoch_batches(self.epoch)):
+            self.step_outputs = self.run_step(batch, cached)
             self._call("after_step")
 
     def gather_rng(self) -> list:

@@ -125,7 +125,8 @@ class TrainMetrics(HookBase):
 
     def after_epoch(self):
         done = self.count * self.trainer.dist.world_size
-        self.trainer.record.update(loss=self.totals[0] / done, z_std=self.totals[1] / done, steps=self.count)
+        self.trainer.record.update(loss=self.totals[0] / done, z_std=self.totals[1] / done, steps=self.count,
+                                   **self.trainer.model.epoch_record())
 
 
 class AmpSkipMonitor(HookBase):

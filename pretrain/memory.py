@@ -23,26 +23,27 @@ GIB_PER_IMAGE_224 = {
 SAFETY = 0.9  # share of the card usable (allocator caching, cuDNN workspaces, the CUDA context)
 
 
-def estimate_gib(backbone: str, precision: str, size: int, batch: int, params: int) -> float:
-    """GiB one process needs for ``batch`` images (two views each) at ``size`` px; ``precision`` fp32/bf16/fp16."""
-    per_image = GIB_PER_IMAGE_224[backbone]["fp32" if precision == "fp32" else "half"] * (size / 224) ** 2
+def estimate_gib(backbone: str, precision: str, size: int, batch: int, params: int, views: int = 2) -> float:
+    """GiB one process needs for ``batch`` images (``views`` each: SimSiam's two, one supervised) at ``size``
+    px; ``precision`` fp32/bf16/fp16."""
+    per_image = GIB_PER_IMAGE_224[backbone]["fp32" if precision == "fp32" else "half"] * (size / 224) ** 2 * views / 2
     return per_image * batch + 3 * 4 * params / GIB
 
 
-def images_that_fit(backbone: str, precision: str, size: int, params: int, gpu_gib: float) -> int:
-    per_image = estimate_gib(backbone, precision, size, 1, 0)
+def images_that_fit(backbone: str, precision: str, size: int, params: int, gpu_gib: float, views: int = 2) -> int:
+    per_image = estimate_gib(backbone, precision, size, 1, 0, views)
     return max(0, int((SAFETY * gpu_gib - estimate_gib(backbone, precision, size, 0, params)) // per_image))
 
 
-def check_fits(cfg, precision: str, world_size: int, params: int, gpu_gib: Optional[float]) -> None:
+def check_fits(cfg, precision: str, world_size: int, params: int, gpu_gib: Optional[float], views: int = 2) -> None:
     """One line naming what would fit when SOLVER.BATCH_SIZE / world_size images per GPU will not
     (``gpu_gib`` None: no GPU, nothing to check)."""
     backbone, size = cfg.MODEL.BACKBONE, cfg.DATA.IMAGE_SIZE
     per_gpu = cfg.SOLVER.BATCH_SIZE // world_size
-    need = estimate_gib(backbone, precision, size, per_gpu, params)
+    need = estimate_gib(backbone, precision, size, per_gpu, params, views)
     if gpu_gib is None or need <= SAFETY * gpu_gib:
         return
-    fit = images_that_fit(backbone, precision, size, params, gpu_gib)
+    fit = images_that_fit(backbone, precision, size, params, gpu_gib, views)
     half = "" if precision != "fp32" else ", or SOLVER.AMP True (bf16 keeps about half)"
     raise UserError(
         f"SOLVER.BATCH_SIZE {cfg.SOLVER.BATCH_SIZE} on {world_size} process(es) is {per_gpu} images per GPU; "

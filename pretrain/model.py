@@ -4,11 +4,10 @@ State-dict layout matches the official checkpoints (without the DDP ``module.`` 
 backbone ``encoder.{conv1,bn1,layer1-4}.*``, projector ``encoder.fc.*``, predictor ``predictor.*``.
 """
 
-import torch
 import torchvision
 from torch import nn
 
-from simsiam_transfer.resnet import PRETRAIN_BACKBONES
+from simsiam_transfer.resnet import PRETRAIN_BACKBONES, pooled_features
 
 
 def _bn_flags(head_bn):
@@ -87,10 +86,7 @@ class SimSiam(nn.Module):
 
     def backbone_features(self, x):
         """Pooled backbone output (before the projector): what kNN and linear probes read."""
-        e = self.encoder
-        x = e.maxpool(e.relu(e.bn1(e.conv1(x))))
-        x = e.layer4(e.layer3(e.layer2(e.layer1(x))))
-        return torch.flatten(e.avgpool(x), 1)
+        return pooled_features(self.encoder, x)
 
     def parameter_groups(self, fix_pred_lr=False):
         """SGD groups: everything trainable; the predictor separately when its lr stays fixed."""
@@ -99,11 +95,3 @@ class SimSiam(nn.Module):
         if fix_pred_lr:
             return [{"params": encoder, "fix_lr": False}, {"params": predictor, "fix_lr": True}]
         return [{"params": encoder + predictor, "fix_lr": False}]
-
-
-def build_model(cfg):
-    return SimSiam(
-        backbone=cfg.MODEL.BACKBONE, dim=cfg.MODEL.DIM, pred_dim=cfg.MODEL.PRED_DIM,
-        proj_layers=cfg.MODEL.PROJ_LAYERS, predictor=cfg.MODEL.PREDICTOR, head_bn=cfg.MODEL.HEAD_BN,
-        zero_init_residual=cfg.MODEL.ZERO_INIT_RESIDUAL, proj_hidden_dim=cfg.MODEL.PROJ_HIDDEN_DIM or None,
-    )

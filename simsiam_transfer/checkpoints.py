@@ -16,9 +16,6 @@ torchvision          (none)                       classifier ``fc.*``
 
 import re
 import warnings
-from pathlib import Path
-
-import numpy as np
 
 from simsiam_transfer.errors import UserError
 from simsiam_transfer.resnet import DEPTH_OF_LAYOUT

@@ -71,15 +71,16 @@ def model_settings_changed(saved_config_text, cfg):
 
 def training_record(checkpoint) -> Optional[dict]:
     """What a checkpoint of this format says about its training: the per-epoch ``history`` (loss, z_std,
-    lr, steps) and, from its config, the projector dim d, the weight decay and momentum, and whether the
+    lr, steps) and, from its config, the method (``MODEL.METHOD``), the projector dim d, the weight decay and momentum, and whether the
     residual branches' last BN started at zero (None where the config does not say). None for
     checkpoints of other projects."""
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("history"), list):
         return None
-    record = {"history": checkpoint["history"], "dim": 0, "weight_decay": 0.0, "momentum": 0.0,
-              "zero_init_residual": None}
+    record = {"history": checkpoint["history"], "method": "simsiam", "dim": 0, "weight_decay": 0.0,
+              "momentum": 0.0, "zero_init_residual": None}
     try:
         cfg = parse_yaml(str(checkpoint.get("config") or ""), "the checkpoint's config")
+        record["method"] = str(cfg.get("MODEL", {}).get("METHOD", "simsiam"))  # before methods: SimSiam
         record["dim"] = int(cfg.get("MODEL", {}).get("DIM", 0))
         record["weight_decay"] = float(cfg.get("SOLVER", {}).get("WEIGHT_DECAY", 0.0))
         record["momentum"] = float(cfg.get("SOLVER", {}).get("MOMENTUM", 0.0))

@@ -31,3 +31,11 @@ def residual_branch_gammas(state: Mapping[str, Any]) -> List[List[Any]]:
         found = sorted((int(m.group(1)), key) for key in state for m in [pattern.match(key)] if m)
         stages.append([state[key] for _, key in found])
     return stages
+
+
+def pooled_features(encoder: Any, x: Any) -> Any:
+    """A torchvision ResNet's globally pooled backbone output (before its ``fc`` head, whatever that is):
+    what kNN monitors and linear probes read."""
+    x = encoder.maxpool(encoder.relu(encoder.bn1(encoder.conv1(x))))
+    x = encoder.layer4(encoder.layer3(encoder.layer2(encoder.layer1(x))))
+    return encoder.avgpool(x).flatten(1)

@@ -367,15 +367,18 @@ def _check_sizes(image_size, counts: Dict[str, int]) -> None:
 
 
 def make_synthetic(out, seed=0, num_train=300, num_test=200, num_unlabeled=4000, image_size=128,
-                   max_objects=4, labeled_per_class=(100, 60), workers=None):
+                   max_objects=4, labeled_per_class=(100, 60), workers=None, num_labeled=None):
     """Write every generated dataset under ``out`` (replaced atomically as a whole, and only when ``out``
     is new, empty or generated earlier: see ``MANIFEST``).
 
     ``workers`` processes draw the images (default: up to 2, the CPU count); the bytes do not depend on it.
+    ``num_labeled``: labeled training images per class (supervised pretraining, kNN), else ``labeled_per_class``.
     """
     out = Path(out)
+    if num_labeled is not None:  # training images per class; the kNN / validation split keeps its size
+        labeled_per_class = (num_labeled, labeled_per_class[1])
     _check_sizes(image_size, {"--num-train": num_train, "--num-test": num_test, "--num-unlabeled": num_unlabeled,
-                              "labeled images per class (train)": labeled_per_class[0],
+                              "--num-labeled": labeled_per_class[0],
                               "labeled images per class (val)": labeled_per_class[1]})
     _refuse_unless_generated(out)
     workers = min(2, os.cpu_count() or 1) if workers is None else workers

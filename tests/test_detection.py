@@ -262,8 +262,8 @@ def test_unknown_dataset_and_missing_root_are_clear_errors(synthetic, r18_pkl, t
     assert code == 2 and "does not exist" in capsys.readouterr().err
 
 
-def test_extra_norm_registered_by_importing_the_package():
-    import detection  # noqa: F401
+def test_extra_norm_registered_by_the_trainer_that_builds_models():
+    import detection.trainer  # noqa: F401
     from detectron2.modeling import ROI_HEADS_REGISTRY
 
     assert ROI_HEADS_REGISTRY.get("Res5ROIHeadsExtraNorm").__module__ == "simsiam_transfer.c4"

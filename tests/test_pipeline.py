@@ -191,3 +191,12 @@ FINETUNE:
     assert state["pretrain:simsiam"]["status"] == "done earlier"
     assert state["convert:simsiam"]["status"] == "done earlier"
     assert "running (attempt" not in again.stdout
+
+
+def test_a_labeled_method_s_row_pretrains_on_the_labeled_folders(tmp_path):
+    path = _write(tmp_path, f"_BASE_: {MINI}\nROWS:\n  supervised:\n    PRETRAIN:\n"
+                            "      CONFIG: pretrain/simsiam_R_18_mini.yaml\n      CFG: {MODEL: {METHOD: supervised}}\n")
+    pipeline = Pipeline(load_pipeline_cfg(path, ["OUTPUT_DIR", str(tmp_path / "out")]))
+    rows = {row.id: row for row in pipeline.rows}
+    assert pipeline.pretrain_cfg(rows["supervised"]).DATA.TRAIN_DIR == str(tmp_path / "out/data/labeled/train")
+    assert pipeline.pretrain_cfg(rows["simsiam"]).DATA.TRAIN_DIR == str(tmp_path / "out/data/unlabeled")

@@ -18,9 +18,9 @@ from pretrain.distributed import DistInfo, LaunchEnv, all_gather_varlen, device_
 from simsiam_transfer.slurm import expand_nodelist
 from pretrain.engine import (Pretrainer, Precision, cpu_supports_bf16, memory_format, prepare_model, seed_worker,
                              to_device, train_step)
-from pretrain.hooks import AmpSkipMonitor, HookBase, TargetMemoryInit
+from pretrain.hooks import AmpSkipMonitor, HookBase
 from pretrain.knn import extract_features
-from pretrain.model import SimSiam
+from pretrain.methods.simsiam import SimSiamMethod
 from pretrain.targets import alternation
 from simsiam_transfer.errors import UserError
 from test_pretrain import _metrics, _mini_args
@@ -125,7 +125,7 @@ def test_empty_scaler_state_is_skipped_and_a_present_one_loaded():
 # -- the step: memory format, precision, skipped steps -----------------------------------------------
 def _tiny(**kw):
     torch.manual_seed(0)
-    return SimSiam("resnet18", dim=32, pred_dim=8, **kw)
+    return SimSiamMethod("resnet18", dim=32, pred_dim=8, **kw)
 
 
 def test_channels_last_step_matches_nchw_gradients():
@@ -135,7 +135,7 @@ def test_channels_last_step_matches_nchw_gradients():
     grads = []
     for model, prep in ((plain, lambda x: x), (fast, lambda x: to_device(x, torch.device("cpu")))):
         opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0 keeps the gradients to compare
-        loss, _ = train_step(model, opt, prep(x1), prep(x2))
+        loss, _ = train_step(model, opt, (prep(x1), prep(x2)))
         grads.append((loss, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
     (loss_a, ga), (loss_b, gb) = grads
     assert torch.allclose(loss_a, loss_b, atol=1e-6) and len(ga) == len(gb)
@@ -163,7 +163,7 @@ def test_gradscaler_skipped_steps_are_counted_and_warned(capsys):
         scaler = torch.amp.GradScaler("cpu")
         monitor.before_epoch()
         for _ in range(2):
-            train_step(model, opt, x * scale_input, x.flip(3) * scale_input, scaler=scaler)
+            train_step(model, opt, (x * scale_input, x.flip(3) * scale_input), scaler=scaler)
         trainer.record = {"steps": 2}
         monitor.after_epoch()
         assert trainer.record["amp_skipped_steps"] == expected
@@ -176,7 +176,7 @@ def test_bf16_step_runs_on_cpu_without_a_scaler():
     model = prepare_model(_tiny(), torch.device("cpu"))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     x = to_device(torch.randn(4, 3, 32, 32), torch.device("cpu"))
-    loss, z1 = train_step(model, opt, x, x.flip(3), precision=Precision("cpu", torch.bfloat16))
+    loss, z1 = train_step(model, opt, (x, x.flip(3)), precision=Precision("cpu", torch.bfloat16))
     assert loss.dtype == torch.float32 and z1.dtype == torch.float32 and torch.isfinite(loss)
 
 
