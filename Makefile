@@ -1,7 +1,7 @@
 # Two commands do all set-up on a fresh machine (see README):
 #   make demo   venv + install + the mini pipeline on generated data
 #   make test   venv + install + mypy on the typed interfaces + the test suite (fast and slow)
-# and, for the lent GPU machine (docs/gpu.md):
+# and, for the lent GPU machine (docs/gpus-and-clusters.md):
 #   make gpu-bundle      gpu_bundle/: wheels of what the device image lacks (offline install there)
 #   make gpu-rehearsal   a device-like environment here, the bundle installed offline, gpu_check.sh --smoke
 #                        (both in a network namespace with loopback only, where this machine allows it)

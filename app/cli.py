@@ -47,7 +47,11 @@ def _pretrain(args):
     from pretrain.config import load_cfg
     from pretrain.engine import run_pretrain
 
+    from detection.finetune import refuse_on_cpu
+    from pretrain.config import paper_scale
+
     cfg = load_cfg(args.config, args.overrides)
+    refuse_on_cpu(paper_scale(cfg), args.allow_cpu)
     history = run_pretrain(cfg)
     if history:
         print(f"done: {len(history)} epoch(s), final loss {history[-1]['loss']:.4f}; "
@@ -122,13 +126,13 @@ def sweep_spec_from_args(args):
 def _finetune(args):
     from detection.finetune import finetune
 
-    return finetune(finetune_job_from_args(args), args.dry_run, args.assume_gpus)
+    return finetune(finetune_job_from_args(args), args.dry_run, args.assume_gpus, args.allow_cpu)
 
 
 def _bench(args):
     from detection.bench import run_bench
 
-    return run_bench(sweep_spec_from_args(args), args.dry_run, args.assume_gpus)
+    return run_bench(sweep_spec_from_args(args), args.dry_run, args.assume_gpus, args.allow_cpu)
 
 
 def _report(args):
@@ -140,7 +144,7 @@ def _report(args):
 def _pipeline(args):
     from app.pipeline import Pipeline, load_pipeline_cfg
 
-    Pipeline(load_pipeline_cfg(args.config, args.overrides)).run()
+    Pipeline(load_pipeline_cfg(args.config, args.overrides), allow_cpu=args.allow_cpu).run()
     return 0
 
 
@@ -162,7 +166,13 @@ def add_schema_flags(parser, flags):
                             default=argparse.SUPPRESS, help=text)
 
 
+def add_allow_cpu(p):
+    p.add_argument("--allow-cpu", action="store_true",
+                   help="run a paper-scale configuration (ResNet-50, protocol sizes) even without a CUDA GPU")
+
+
 def add_plan_arguments(p):
+    add_allow_cpu(p)
     p.add_argument("--dry-run", action="store_true", help="print the plan as JSON and run nothing")
     p.add_argument("--assume-gpus", type=int, default=None, metavar="N",
                    help="plan for N visible GPUs (with --dry-run, on a machine without them)")
@@ -228,6 +238,7 @@ def build_parser():
               "torchrun --nproc_per_node 8 -m app.cli pretrain --config pretrain/simsiam_R_50_200ep_b256_base.yaml"])
     p.add_argument("--config", help="pretraining YAML (a path, or relative to configs/)")
     p.add_argument("overrides", nargs="*", metavar="KEY VALUE", help="config overrides, e.g. SOLVER.EPOCHS 200")
+    add_allow_cpu(p)
     p.set_defaults(func=_pretrain)
 
     p = _sub(sub, "linear", "linear probe on the frozen pretrained backbone",
@@ -302,6 +313,7 @@ def build_parser():
               "simsiam-transfer pipeline --config pipeline/table5.yaml SWEEP.EXECUTOR slurm"])
     p.add_argument("--config", required=True, help="pipeline YAML (e.g. pipeline/mini.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY VALUE", help="e.g. OUTPUT_DIR runs/demo")
+    add_allow_cpu(p)
     p.set_defaults(func=_pipeline)
     return parser
 

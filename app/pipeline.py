@@ -40,10 +40,13 @@ from convert.command import convert_checkpoint, is_converted, print_summary
 from detection import protocol, schema
 from detection.bench import Bench, finished_summary
 from detection.executors import cpu_thread_env
+from detection.finetune import build_cfg, refuse_on_cpu
+from detection.finetune import paper_scale as paper_scale_finetune
 from detection.report import load_benches, plot_ap_vs_lr, render
-from detection.spec import SweepSpec
+from detection.spec import FinetuneJob, SweepSpec
 from pretrain import outputs as pretrain_outputs
 from pretrain.config import load_cfg as load_pretrain_cfg
+from pretrain.config import paper_scale as paper_scale_pretraining
 from pretrain.launch import submit_pretraining
 from pretrain.methods import method_class
 from simsiam_transfer import atomic
@@ -211,16 +214,18 @@ def pretrain_processes(requested: int, executor: str = "local") -> int:
 
 
 def pretrain_command(config_path, nproc: int) -> List[str]:
-    """One process runs the CLI directly; several run under torchrun on this node."""
-    cli = ["-m", "app.cli", "pretrain", "--config", str(config_path)]
+    """One process runs the CLI directly; several run under torchrun on this node. The pipeline has
+    decided already whether a paper-scale row may run on this machine (``--allow-cpu``)."""
+    cli = ["-m", "app.cli", "pretrain", "--config", str(config_path), "--allow-cpu"]
     if nproc == 1:
         return [sys.executable, *cli]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *cli]
 
 
 class Pipeline:
-    def __init__(self, cfg):
+    def __init__(self, cfg, allow_cpu: bool = False):
         self.cfg = cfg
+        self.allow_cpu = allow_cpu
         self.out = Path(cfg.OUTPUT_DIR)
         self.rows = [_row(row_id, node) for row_id, node in cfg.ROWS.items()]
         self.state_path = self.out / "pipeline.json"
@@ -445,7 +450,7 @@ class Pipeline:
         summary = finished_summary(spec)
         status = "done earlier"
         if summary is None:
-            summary, status = Bench(spec, echo_conversion_warnings=False).run(), "done"
+            summary, status = Bench(spec, echo_conversion_warnings=False, allow_cpu=True).run(), "done"
         if summary["selected_lr"] is None:
             raise UserError(f"bench {benchmark} / {row.id}: every trial failed; see {spec.output_dir}")
         return status
@@ -481,11 +486,30 @@ class Pipeline:
         plan.append(("report", self.stage_report))
         return plan
 
+    def refuse_paper_scale_on_cpu(self) -> None:
+        """Before anything runs: a paper-scale pretraining or fine-tune that would run on this CPU is refused
+        in one line (``--allow-cpu`` runs it anyway); rows and trials sent to Slurm run on its GPU nodes."""
+        if self.allow_cpu or torch.cuda.is_available():
+            return
+        reasons = []
+        if self.pretrain_executor() != "slurm":
+            reasons += [f"ROWS.{row.id}: {paper_scale_pretraining(self.pretrain_cfg(row))}" for row in self.rows
+                        if row.pretrained_here and paper_scale_pretraining(self.pretrain_cfg(row))]
+        if self.cfg.SWEEP.EXECUTOR != "slurm":
+            for benchmark in self.cfg.BENCH.BENCHMARKS:
+                job = FinetuneJob(config_file=benchmark, weights="none", cfg=self.cfg.FINETUNE.CFG)
+                reason = paper_scale_finetune(build_cfg(job, cuda=False))
+                if reason:
+                    reasons.append(f"BENCH.BENCHMARKS {benchmark}: {reason}")
+        if reasons:
+            refuse_on_cpu(reasons[0], allow_cpu=False)
+
     def run(self):
         # Every row's pretraining config must load before anything runs: a typo costs nothing.
         for row in self.rows:
             if row.pretrained_here:
                 self.pretrain_cfg(row)
+        self.refuse_paper_scale_on_cpu()
         try:  # what an earlier run recorded (the jobs it submitted), before this run rewrites it
             self.earlier_state = dict(json.loads(self.state_path.read_text())["stages"])
         except (OSError, ValueError, KeyError, TypeError):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check (docs/gpu.md), for the one-GPU machine with no network:
+# The prepared GPU check (docs/gpus-and-clusters.md), for the one-GPU machine with no network:
 #   bash benchmarks/gpu_check.sh OUT            carry gpu_bundle/ (make gpu-bundle) with the tree
 #   bash benchmarks/gpu_check.sh --smoke OUT    toy sizes on a CPU (make gpu-rehearsal)
 # 1. Without CUDA it stops at once (one line, exit 3) unless --smoke.
@@ -7,7 +7,7 @@
 #    over the image's own torch: pip with no index and no configuration (install.log). Without gpu_bundle/,
 #    a Python that imports the dependencies already (make setup) runs as it is; otherwise one line, exit 1.
 # 3. Runs benchmarks/gpu_check.py (checks.jsonl, summary.json, claim.md, logs.tar.gz; console.log).
-# Planned seconds on one H100 (gpu_check.py PLAN; basis in docs/gpu.md): install 15, environment 5, data 20,
+# Planned seconds on one H100 (gpu_check.py PLAN; basis in docs/gpus-and-clusters.md): install 15, environment 5, data 20,
 # detector_memory 35, simsiam_r50_step 30, loader_e2e 25, pretrain_no_stop_gradient 60, pretrain_simsiam 180,
 # finetune_simsiam 75, report 5: 450 of the 480-second budget (the side checks run beside the pretrainings).
 set -euo pipefail

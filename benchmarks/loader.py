@@ -18,7 +18,7 @@ machine do not inflate. ``official`` = decode + two views of ``pretrain.data.sim
 ``ours`` = decode + two views of ``pretrain.data.crop_and_params`` (uint8 crops and their parameters).
 ``ratio_per_core`` = median over rounds of ours / official (target >= 4).
 
-``--e2e``: ``Pretrainer`` steps of SimSiam R50 at 224 px (fp16 AMP), with ``--e2e-workers`` loader
+``--e2e``: ``Pretrainer`` steps of SimSiam R50 at 224 px (AMP: bf16 on GPUs that have it, fp16 elsewhere), with ``--e2e-workers`` loader
 workers, ``DATA.AUGMENT_ON`` device and cpu, against the same trainer's steps on tensors already on the
 GPU (``bare``). Each rate is taken over ``--steps`` steps after ``--warmup`` steps (by default more than
 the loader's prefetched batches, so a backlog built during warm-up cannot flatter the rate);

@@ -21,7 +21,7 @@ from simsiam_transfer.errors import UserError
 
 # Training memory of R50-C4 with trainable BN and nothing frozen (the protocol), in GiB: per 800x1333
 # image, the tensors autograd keeps for backward (4.34 counted on CPU), plus once the weights, gradients
-# and momentum (0.37) (benchmarks/gpu_probes.py activation-count; docs/gpu.md). detectron2's model zoo
+# and momentum (0.37) (benchmarks/gpu_probes.py activation-count; docs/protocol.md). detectron2's model zoo
 # lists 4.8 GB for 2 images, but with FrozenBN and a frozen stem and res2, which keep far less. Until GPU
 # figures replace it; scaled by input area; used for every depth (an over-estimate for R18/R34), with
 # SAFETY of the card's memory usable.

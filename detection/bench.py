@@ -21,7 +21,7 @@ from tqdm import tqdm
 from detection import protocol
 from detection.executors import LocalExecutor, SubmititExecutor, local_slots
 from detection.batch_policy import SETUP_FIELDS, plan_batch
-from detection.finetune import evaluator_types, plan, preflight, with_values
+from detection.finetune import evaluator_types, paper_scale, plan, preflight, refuse_on_cpu, with_values
 from detection.job import NAME as JOB_NAME
 from detection.job import write_job
 from detection.report import load_bench, plot_ap_vs_lr, render
@@ -73,8 +73,9 @@ def column_label(cfg, batch, evaluators):
 class Bench:
     """Runs one ``SweepSpec``: checks everything, then trials through an executor into ``output_dir``."""
 
-    def __init__(self, spec: SweepSpec, echo_conversion_warnings: bool = True):
+    def __init__(self, spec: SweepSpec, echo_conversion_warnings: bool = True, allow_cpu: bool = True):
         self.spec = spec
+        self.allow_cpu = allow_cpu  # False: refuse a protocol-scale sweep whose trials would run on this CPU
         self.out = Path(spec.output_dir)
         self.label, self.config = spec.benchmark, spec.finetune.config_path
         # The pipeline already printed the converter's verdict once; bench alone prints it here.
@@ -269,6 +270,8 @@ class Bench:
     # -- run --------------------------------------------------------------------------------------
     def run(self):
         settings = self._prepare()
+        if self.spec.executor.kind != "slurm":  # Slurm trials run on the cluster's GPU nodes
+            refuse_on_cpu(paper_scale(self.cfg), self.allow_cpu)
         self._check_settings(settings)  # before the folder exists: a refused sweep writes nothing
         self.settings = settings
         with folder_lock(self.out, "bench"):
@@ -319,9 +322,9 @@ class Bench:
             self._execute(protocol.repeat_plan(selected, self.spec.trials, search), executor)
 
 
-def run_bench(spec: SweepSpec, dry_run: bool = False, assume_gpus=None) -> int:
+def run_bench(spec: SweepSpec, dry_run: bool = False, assume_gpus=None, allow_cpu: bool = False) -> int:
     """``simsiam-transfer bench``: plan (dry run) or run one sweep; exit 1 when every trial failed."""
-    bench = Bench(spec)
+    bench = Bench(spec, allow_cpu=allow_cpu)
     if dry_run:
         print(json.dumps(bench.plan(assume_gpus), indent=2))
         return 0

@@ -129,6 +129,25 @@ def preflight(job, cuda=None):
     return cfg, batch
 
 
+# A fine-tune at the protocol's scale: R50-C4 (or deeper) at VOC/COCO input sizes. On a CPU: days per trial.
+PAPER_MIN_DEPTH, PAPER_MIN_INPUT = 50, 480
+
+
+def paper_scale(cfg):
+    """Why ``cfg`` is a protocol-scale fine-tune (one phrase), or None for a mini one."""
+    if cfg.MODEL.RESNETS.DEPTH >= PAPER_MIN_DEPTH and max(cfg.INPUT.MIN_SIZE_TRAIN) >= PAPER_MIN_INPUT:
+        return (f"R{cfg.MODEL.RESNETS.DEPTH}-C4 at {max(cfg.INPUT.MIN_SIZE_TRAIN)}-px inputs is a "
+                "protocol-scale fine-tune")
+    return None
+
+
+def refuse_on_cpu(reason, allow_cpu: bool) -> None:
+    """One line instead of a run that would take weeks on this CPU, unless ``--allow-cpu``."""
+    if reason and not allow_cpu and not torch.cuda.is_available():
+        raise UserError(f"{reason} and this machine has no CUDA GPU, where it would run for days or weeks; run it "
+                        "on GPUs, or pass --allow-cpu to run it here anyway")
+
+
 def with_values(cfg, values):
     """A frozen copy of ``cfg`` with ``{"SOLVER.BASE_LR": 0.02, ...}`` set as they are (typed, no strings)."""
     cfg = cfg.clone()
@@ -236,10 +255,11 @@ def write_metrics(cfg, job, batch, results, wall_time_s, storage=None):
     return record
 
 
-def run_finetune(job):
+def run_finetune(job, allow_cpu=True):
     """Pre-flight, ``job.yaml`` into OUTPUT_DIR, then ``run_job``; returns the metrics record (None on
     machine rank > 0, whose processes train but leave evaluation to machine rank 0)."""
     cfg, batch = preflight(job)
+    refuse_on_cpu(paper_scale(cfg), allow_cpu)
     atomic.check_output_dir(cfg.OUTPUT_DIR, "OUTPUT_DIR")
     return run_job(Job(job=job, cfg=cfg, plan=batch.as_dict(), path=write_job(cfg.OUTPUT_DIR, job, cfg, batch)))
 
@@ -248,6 +268,9 @@ def run_job(job: Job):
     """Run one written job in its folder: the folder's lock, the resume guard, detectron2's ``launch``."""
     cfg = job.cfg
     batch = batch_policy.plan_batch(cfg, job.job.world_size, job.job.scaling)
+    if torch.cuda.is_available():  # the machine that runs it: a Slurm node the submit host planned for
+        batch_policy.check_gpu_count(job.job.num_gpus, torch.cuda.device_count())
+        batch_policy.check_fits(batch, batch_policy.visible_gpu_gib())
     check_resume(cfg.OUTPUT_DIR, batch)
     # One writer per folder; a trial orphaned by a killed driver is stopping itself: wait for it.
     # Machine rank 0 holds it for the job (the other machines share the folder on a cluster file system).
@@ -300,7 +323,7 @@ def under_srun(job, env, first_host=first_slurm_host):
                                dist_url=f"tcp://{addr}:{port}")
 
 
-def finetune(job, dry_run=False, assume_gpus=None):
+def finetune(job, dry_run=False, assume_gpus=None, allow_cpu=False):
     """``simsiam-transfer finetune``: a ``FinetuneJob`` (num_gpus -1: every visible GPU) -> plan or run."""
     job = under_srun(job, os.environ)
     if job.num_gpus < 0:
@@ -310,7 +333,7 @@ def finetune(job, dry_run=False, assume_gpus=None):
         cuda = torch.cuda.is_available() if assume_gpus is None else assume_gpus > 0
         print(json.dumps(dry_run_plan(job, cuda), indent=2))
         return 0
-    record = run_finetune(job)
+    record = run_finetune(job, allow_cpu)
     if record is None:
         print(f"machine rank {job.machine_rank}: training finished; machine rank 0 evaluates and writes "
               "metrics.json, this machine writes none")

@@ -186,7 +186,7 @@ RULES = {
 }
 # detectron2's box predictor logs the share of foreground RoIs it gives their own class. A fine-tune
 # that ends with it near 0 still predicts the class prior: its AP scores proposals and boxes, not
-# classification, and cannot rank backbones by what they know of the classes (README, make demo).
+# classification, and cannot rank backbones by what they know of the classes (docs/mini-benchmark.md).
 CLASSIFIER_METRIC = "train/fg_cls_accuracy"   # mean over the last 20 % of training iterations
 CLASSIFIER_MIN = 0.1
 

@@ -25,7 +25,7 @@ EXECUTORS = ("local", "slurm", "submitit-local")
 FINETUNE = CN()
 FINETUNE.CONFIG = ""            # a benchmark name (protocol.BENCHMARKS) or a detectron2 YAML
 FINETUNE.WEIGHTS = ""           # a converted detectron2 .pkl, or none (random init); required
-FINETUNE.DATASETS = ""          # dataset catalog YAML (README, Fine-tuning)
+FINETUNE.DATASETS = ""          # dataset catalog YAML (docs/formats.md)
 FINETUNE.DATA_ROOT = ""         # root of the standard VOC/COCO folders (default $DETECTRON2_DATASETS)
 FINETUNE.SCALING = "faithful"   # faithful: the config's batch, LR and schedule on any GPU count; linear
 FINETUNE.CFG = CN(new_allowed=True)  # detectron2 keys merged over CONFIG, values kept as typed
@@ -72,7 +72,7 @@ class Flag:
 
 _WEIGHTS = Flag(("--weights",), "FINETUNE.WEIGHTS", "converted detectron2 .pkl (simsiam-transfer convert), "
                 "or 'none' for random init")
-_DATASETS = Flag(("--datasets",), "FINETUNE.DATASETS", "dataset catalog YAML (format: README, Fine-tuning)")
+_DATASETS = Flag(("--datasets",), "FINETUNE.DATASETS", "dataset catalog YAML (format: docs/formats.md)")
 _DATA_ROOT = Flag(("--data-root",), "FINETUNE.DATA_ROOT", "root of the standard VOC/COCO folders "
                   "(default $DETECTRON2_DATASETS)")
 _SCALING = Flag(("--scaling",), "FINETUNE.SCALING", "faithful: the config's global batch, LR and schedule on "

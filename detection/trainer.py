@@ -14,7 +14,7 @@ from simsiam_transfer import c4  # noqa: F401  (registers Res5ROIHeadsExtraNorm,
 from simsiam_transfer.versions import compiled_ops_available
 
 # detectron2's default JSONWriter uses OUTPUT_DIR/metrics.json, which this toolkit reserves
-# for the final evaluation numbers (README: Fine-tuning, Outputs); training statistics go here instead.
+# for the final evaluation numbers (docs/formats.md); training statistics go here instead.
 TRAIN_LOG = "train_log.jsonl"
 
 

@@ -1,6 +1,6 @@
 """Pretraining config (fvcore ``CfgNode``, as detectron2; ``_BASE_`` works): defaults are the paper's baseline recipe.
 
-Every ablation of the paper is a key here (see README, "Paper ablations").
+Every ablation of the paper is a key here (docs/protocol.md).
 """
 
 import math
@@ -29,7 +29,7 @@ _C.DATA.AUGMENT_ON = "auto"   # cpu: the official PIL pipeline in the loader; de
 _C.MODEL = CN()
 _C.MODEL.METHOD = "simsiam"           # the pretraining method (pretrain/methods): simsiam / supervised / ...
 _C.MODEL.BACKBONE = "resnet50"        # resnet18 / resnet34 / resnet50 / resnet101
-_C.MODEL.ZERO_INIT_RESIDUAL = True    # official; short CPU runs need False (README)
+_C.MODEL.ZERO_INIT_RESIDUAL = True    # official; short CPU runs need False (docs/mini-benchmark.md)
 _C.MODEL.DIM = 2048                   # projector hidden/output dim d
 _C.MODEL.PRED_DIM = 512               # predictor bottleneck
 _C.MODEL.PROJ_HIDDEN_DIM = 0          # 0 = the backbone's width (official: 2048 for ResNet-50)
@@ -139,6 +139,18 @@ def resolve_augment_on(cfg, device_type: str):
     cfg.DATA.AUGMENT_ON = "device" if device_type == "cuda" else "cpu"
     cfg.freeze()
     return cfg
+
+
+# A pretraining at the paper's scale: a ResNet-50/101 on crops of ImageNet size. On a CPU it runs for weeks.
+PAPER_BACKBONES = ("resnet50", "resnet101")
+PAPER_MIN_IMAGE_SIZE = 160
+
+
+def paper_scale(cfg):
+    """Why ``cfg`` is a paper-scale pretraining (one phrase), or None for a mini one."""
+    if cfg.MODEL.BACKBONE in PAPER_BACKBONES and cfg.DATA.IMAGE_SIZE >= PAPER_MIN_IMAGE_SIZE:
+        return f"MODEL.BACKBONE {cfg.MODEL.BACKBONE} on {cfg.DATA.IMAGE_SIZE}-px crops is a paper-scale pretraining"
+    return None
 
 
 def load_cfg(config_file=None, overrides=(), nodes=()):

@@ -109,7 +109,7 @@ def configure_backends(device: torch.device, tf32: bool) -> None:
 
 def memory_format(device: torch.device, precision: Precision) -> torch.memory_format:
     """channels_last (same math) where it is faster: on GPUs, and on CPUs with bf16 autocast; in fp32
-    on CPU it measured 0.88x (R18) and 1.04x (R50) of NCHW here (README, Measured)."""
+    on CPU it measured 0.88x (R18) and 1.04x (R50) of NCHW here (docs/performance.md)."""
     fast = device.type == "cuda" or precision.dtype == torch.bfloat16
     return torch.channels_last if fast else torch.contiguous_format
 

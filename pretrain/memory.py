@@ -1,6 +1,6 @@
 """Memory pre-flight of pretraining: refuse, before the first step, a per-GPU batch that will not fit the GPU.
 
-Basis, counted on CPU (``python benchmarks/gpu_probes.py simsiam-activation-count``; docs/gpu.md): the
+Basis, counted on CPU (``python benchmarks/gpu_probes.py simsiam-activation-count``; docs/protocol.md): the
 distinct tensors autograd keeps for backward in one SimSiam training forward of both views at 224 px,
 per image, in fp32 and under bf16 autocast (fp16 keeps the same sizes). Activations scale with the crop's
 pixels. Weights, gradients and SGD momentum (fp32) come on top. GPU figures replace these once measured.

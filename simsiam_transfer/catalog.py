@@ -27,7 +27,7 @@ def load_catalog(path):
     doc = safe_yaml(path)
     if not isinstance(doc, dict) or not doc:
         raise UserError(f"{path}: a dataset catalog is a mapping of name -> description "
-                        "(format: the detection.datasets docstring, README 'Fine-tuning')")
+                        "(format: docs/formats.md)")
     specs = {}
     for name, entry in doc.items():
         where = f"{path}: dataset {name!r}"

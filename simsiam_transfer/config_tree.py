@@ -19,7 +19,7 @@ from simsiam_transfer.yaml_files import MAX_DEPTH, MAX_VALUES, read_yaml
 MAX_BASE_FILES = 64  # files read for one config, _BASE_ chains included (a diamond's base is read twice)
 # List keys whose default is empty, so that their elements have no example to follow.
 EMPTY_LIST_EXAMPLES = {"DATASETS.TRAIN": "name", "DATASETS.TEST": "name", "DATASETS.PROPOSAL_FILES_TRAIN": "path",
-                       "DATASETS.PROPOSAL_FILES_TEST": "path", "BENCH.LRS": 0.0}
+                       "DATASETS.PROPOSAL_FILES_TEST": "path", "SWEEP.LRS": 0.0}
 
 Keys = Tuple[str, ...]
 

@@ -39,7 +39,7 @@ def _message(name):
     return (
         f"{what} needs detectron2's compiled extension, which this install lacks "
         "(offline fallback pb1-detectron2==0.6, built without C++ sources); install upstream "
-        "detectron2 from source (see README, 'Installing detectron2') to use it"
+        "detectron2 from source (see docs/installing.md) to use it"
     )
 
 

@@ -35,6 +35,6 @@ def run_doctor(args):
         print(f"{key:<{width}}  {value}")
     if d2["origin"] == "missing":
         print("detectron2 is required: run `make test` or "
-              "`python -m simsiam_transfer.install_detectron2` (see README)", file=sys.stderr)
+              "`python -m simsiam_transfer.install_detectron2` (see docs/installing.md)", file=sys.stderr)
         return 1
     return 0

@@ -21,7 +21,7 @@ from simsiam_transfer.errors import UserError
 from simsiam_transfer.stopping import worker_pool
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp"}
-# pretrain scans folders up to this many images by default (DATA.CHECK_IMAGES auto); see README.
+# pretrain scans folders up to this many images by default (DATA.CHECK_IMAGES auto); see docs/reliability.md.
 AUTO_SCAN_LIMIT = 50_000
 
 

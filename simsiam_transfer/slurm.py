@@ -81,23 +81,6 @@ def slurm_port(job_id: str) -> int:
     return SLURM_PORT_BASE + int(job_id) % SLURM_PORT_SPAN if job_id.isdigit() else SLURM_PORT_BASE
 
 
-def _env_int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
-    """An integer launcher variable, or one line naming it (a typo in an export, a stale value)."""
-    text = env.get(name, "").strip()
-    if not text:
-        return default
-    if not re.fullmatch(r"[0-9]{1,9}", text) or int(text) < minimum:
-        raise UserError(f"{name}={text!r}: must be an integer >= {minimum}; unset it, or launch with torchrun "
-                        "(which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT)")
-    return int(text)
-
-
-def _check_ranks(rank: int, world_size: int, names: str) -> None:
-    if rank >= world_size:
-        raise UserError(f"{names}: rank {rank} does not exist in a world of {world_size} process(es); "
-                        "ranks run from 0 to world size - 1")
-
-
 def slurm_step(env: Mapping[str, str], first_host=first_slurm_host) -> Optional[SlurmStep]:
     """The multi-task srun step this process is a task of; None for one process (no step, or a step of
     one task). Refuses ``SLURM_NTASKS`` > 1 outside a step in one line."""

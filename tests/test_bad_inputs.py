@@ -648,7 +648,7 @@ def test_pretrain_scan_is_reported_with_its_time_and_skipped_above_the_limit(syn
 
 
 def test_an_image_that_fails_to_decode_in_training_stops_the_run_naming_it(synthetic, tmp_path, capsys):
-    """Policy (README): with the scan off, a bad file stops training at once, one line, exit 2."""
+    """Policy (docs/reliability.md): with the scan off, a bad file stops training at once, one line, exit 2."""
     folder = tmp_path / "few"
     folder.mkdir()
     for src in sorted((synthetic / "unlabeled").rglob("*.jpg"))[:15]:

@@ -388,7 +388,7 @@ def _(c):
 @case("config/pipeline SWEEP.LRS of strings")
 def _(c):
     cfg = c.file("pipe.yaml", "OUTPUT_DIR: x\nSWEEP:\n  LRS: [0.02, fast]\n")
-    return ["pipeline", "--config", cfg], [str(cfg), "SWEEP.LRS", "give numbers"]
+    return ["pipeline", "--config", cfg], [str(cfg), "SWEEP.LRS", "element 1 is str 'fast'"]
 
 
 @case("config/pipeline BENCH.BENCHMARKS of numbers")

@@ -161,3 +161,23 @@ def test_the_padding_benchmark_pairs_seeds_across_setups(synthetic, r18_pkl, tmp
     first, second = record["setups"]["0_1x4"][0], record["setups"]["2_1x4"][0]
     assert first["seed"] == second["seed"] == 1000 and first["ims_per_gpu"] == 4
     assert record["paired_difference"]["bbox/AP"] == {"mean": 0.0, "std": None, "n": 1}  # same seed, same AP
+
+
+def test_a_paper_scale_run_on_a_cpu_is_refused_unless_allowed(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli_main("pretrain", "--config", "pretrain/simsiam_R_50_100ep_b512.yaml", "OUTPUT_DIR", tmp_path / "p") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "MODEL.BACKBONE resnet50 on 224-px crops is a paper-scale pretraining" in err[0]
+    assert "--allow-cpu" in err[0] and not (tmp_path / "p").exists()
+    assert cli_main("pipeline", "--config", "pipeline/table5.yaml", "OUTPUT_DIR", tmp_path / "t") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ROWS.simsiam_base: MODEL.BACKBONE resnet50" in err[0] and not (tmp_path / "t").exists()
+    # With --allow-cpu the same run goes on to its next check (here: no training images).
+    assert cli_main("pretrain", "--config", "pretrain/simsiam_R_50_100ep_b512.yaml", "OUTPUT_DIR", tmp_path / "p",
+                    "--allow-cpu") == 2
+    assert "paper-scale" not in capsys.readouterr().err
+    # The mini configs are unaffected; a dry run plans protocol-scale sweeps anywhere.
+    assert cli_main("bench", "--benchmark", "voc07", "--weights", "none", "--output-dir", tmp_path / "b",
+                    "--dry-run", "--assume-gpus", "8") == 0

@@ -36,7 +36,7 @@ def test_shipped_config_loads_through_its_stage_loader(name):
         from app.pipeline import Pipeline, load_pipeline_cfg
 
         pipeline = Pipeline(load_pipeline_cfg(name))
-        if name.endswith("mini_long.yaml"):  # long enough for the box classifier to learn (README)
+        if name.endswith("mini_long.yaml"):  # long enough for the box classifier to learn (docs/mini-benchmark.md)
             assert pipeline.cfg.FINETUNE.CFG.SOLVER.MAX_ITER == 600 and len(pipeline.rows) == 3
         for row in pipeline.rows:  # each row's pretraining config, nested keys included
             if row.pretrained_here:

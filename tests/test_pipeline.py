@@ -122,10 +122,10 @@ def test_the_pipeline_and_bench_build_the_same_sweep_spec(tmp_path):
 
 def test_pretraining_runs_as_its_own_process_group():
     assert pretrain_command("c.yaml", 1) == [sys.executable, "-m", "app.cli", "pretrain",
-                                             "--config", "c.yaml"]
+                                             "--config", "c.yaml", "--allow-cpu"]  # the pipeline checked
     cmd = pretrain_command("c.yaml", 8)
     assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "8"]
-    assert cmd[-4:] == ["app.cli", "pretrain", "--config", "c.yaml"]
+    assert cmd[-5:] == ["app.cli", "pretrain", "--config", "c.yaml", "--allow-cpu"]
 
 
 @pytest.mark.slow

@@ -118,7 +118,7 @@ def test_the_parser_restates_no_default_and_help_shows_the_schema_s():
     ([], "SWEEP: {TRIALS: 0}", "sweep.yaml: SWEEP.TRIALS 0: must be an integer >= 1"),
     (["--lrs", "0.1,0.1"], None, "--lrs 0.1,0.1: a learning rate is repeated"),
     ([], "SWEEP: {LRS: [0.1, 0.1]}", "sweep.yaml: SWEEP.LRS 0.1,0.1: a learning rate is repeated"),
-    ([], "SWEEP: {LRS: [fast]}", "sweep.yaml: SWEEP.LRS ['fast']: give numbers"),
+    ([], "SWEEP: {LRS: [fast]}", "SWEEP.LRS: element 0 is str 'fast'"),
     (["--max-retries", "-1"], None, "--max-retries -1: must be an integer >= 0"),
     ([], "SWEEP: {SEARCH: best}", "sweep.yaml: SWEEP.SEARCH 'best': use one of"),
     ([], "FINETUNE: {SCALING: sqrt}", "sweep.yaml: FINETUNE.SCALING 'sqrt': use one of faithful, linear"),
