@@ -47,12 +47,8 @@ def _pretrain(args):
     from pretrain.config import load_cfg
     from pretrain.engine import run_pretrain
 
-    from detection.finetune import refuse_on_cpu
-    from pretrain.config import paper_scale
-
     cfg = load_cfg(args.config, args.overrides)
-    refuse_on_cpu(paper_scale(cfg), args.allow_cpu)
-    history = run_pretrain(cfg)
+    history = run_pretrain(cfg, allow_cpu=args.allow_cpu)
     if history:
         print(f"done: {len(history)} epoch(s), final loss {history[-1]['loss']:.4f}; "
               f"checkpoints in {cfg.OUTPUT_DIR}")

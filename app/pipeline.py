@@ -40,7 +40,7 @@ from convert.command import convert_checkpoint, is_converted, print_summary
 from detection import protocol, schema
 from detection.bench import Bench, finished_summary
 from detection.executors import cpu_thread_env
-from detection.finetune import build_cfg, refuse_on_cpu
+from detection.finetune import build_cfg
 from detection.finetune import paper_scale as paper_scale_finetune
 from detection.report import load_benches, plot_ap_vs_lr, render
 from detection.spec import FinetuneJob, SweepSpec
@@ -52,6 +52,7 @@ from pretrain.methods import method_class
 from simsiam_transfer import atomic
 from simsiam_transfer.config import CfgNode as CN
 from simsiam_transfer.config import load, merge_node
+from simsiam_transfer.cpu_guard import refuse_on_cpu
 from simsiam_transfer.errors import UserError
 from simsiam_transfer.jobs import reattach_job
 from simsiam_transfer.stopping import Children, signal_number

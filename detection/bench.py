@@ -21,7 +21,7 @@ from tqdm import tqdm
 from detection import protocol
 from detection.executors import LocalExecutor, SubmititExecutor, local_slots
 from detection.batch_policy import SETUP_FIELDS, plan_batch
-from detection.finetune import evaluator_types, paper_scale, plan, preflight, refuse_on_cpu, with_values
+from detection.finetune import evaluator_types, paper_scale, plan, preflight, with_values
 from detection.job import NAME as JOB_NAME
 from detection.job import write_job
 from detection.report import load_bench, plot_ap_vs_lr, render
@@ -30,6 +30,7 @@ from detection.spec import SweepSpec, Trial
 from simsiam_transfer import atomic
 from simsiam_transfer.d2_weights import conversion_warnings
 from simsiam_transfer.config import flatten
+from simsiam_transfer.cpu_guard import refuse_on_cpu
 from simsiam_transfer.errors import UserError
 from simsiam_transfer.locks import folder_lock
 

@@ -35,6 +35,7 @@ from detection.trainer import Trainer
 from simsiam_transfer import atomic
 from simsiam_transfer.c4 import check_weights_cover_model, single_process_norm
 from simsiam_transfer.config import merge_file, merge_node, merge_overrides, resolve_config
+from simsiam_transfer.cpu_guard import refuse_on_cpu
 from simsiam_transfer.errors import TrainingDiverged, UserError
 from simsiam_transfer.locks import folder_lock
 from simsiam_transfer.slurm import first_slurm_host, slurm_step
@@ -139,13 +140,6 @@ def paper_scale(cfg):
         return (f"R{cfg.MODEL.RESNETS.DEPTH}-C4 at {max(cfg.INPUT.MIN_SIZE_TRAIN)}-px inputs is a "
                 "protocol-scale fine-tune")
     return None
-
-
-def refuse_on_cpu(reason, allow_cpu: bool) -> None:
-    """One line instead of a run that would take weeks on this CPU, unless ``--allow-cpu``."""
-    if reason and not allow_cpu and not torch.cuda.is_available():
-        raise UserError(f"{reason} and this machine has no CUDA GPU, where it would run for days or weeks; run it "
-                        "on GPUs, or pass --allow-cpu to run it here anyway")
 
 
 def with_values(cfg, values):

@@ -131,7 +131,8 @@ class LabeledFolder(torch.utils.data.Dataset):
 
     def __init__(self, root, transform, key="DATA.KNN_TRAIN_DIR", classes=None):
         root = Path(root)
-        self.classes = classes or self.class_names(root, key)
+        found = self.class_names(root, key)
+        self.classes = classes or found
         self.samples = [(f, i) for i, c in enumerate(self.classes) if (root / c).is_dir()
                         for f in list_images(root / c, key)]
         self.transform = transform

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from pretrain import checkpoint, memory
-from pretrain.config import resolve_augment_on
+from pretrain.config import paper_scale, resolve_augment_on
 from pretrain.data import BLUR_SIGMA, LabeledFolder, check_train_images, eval_transform
 from pretrain.device_augment import CropView, DeviceAugmentation
 from pretrain.distributed import all_reduce_sum, cleanup, init_distributed
@@ -35,6 +35,7 @@ from pretrain.hooks import HookBase, default_hooks
 from pretrain.methods import PretrainMethod, build_method
 from pretrain.schedule import initial_lr
 from pretrain.targets import MovingAverageTargets, alternation
+from simsiam_transfer.cpu_guard import refuse_on_cpu
 from simsiam_transfer.errors import UserError
 from simsiam_transfer.locks import folder_lock
 from simsiam_transfer.resnet import IMAGENET_MEAN, IMAGENET_STD
@@ -168,11 +169,12 @@ def knn_folders(cfg) -> Optional[Tuple[LabeledFolder, LabeledFolder]]:
 class Pretrainer:
     """Holds the run's state; ``run()`` trains from the first unfinished epoch to SOLVER.EPOCHS."""
 
-    def __init__(self, cfg, hooks: Optional[Sequence[HookBase]] = None):
+    def __init__(self, cfg, hooks: Optional[Sequence[HookBase]] = None, allow_cpu: bool = True):
         self.cfg = cfg
         self.dist = init_distributed()
         self.out = Path(cfg.OUTPUT_DIR)
         self.device = self.dist.device
+        seed_everything(cfg.SEED + self.dist.rank)  # before the network: its initial weights follow the seed
         self.model: PretrainMethod = build_method(cfg)
         if cfg.DATA.AUGMENT_ON == "device" and not self.model.device_augmentation:
             raise UserError(f"DATA.AUGMENT_ON device: MODEL.METHOD {cfg.MODEL.METHOD} augments in its loader only; "
@@ -187,7 +189,6 @@ class Pretrainer:
         if self.per_process_batch < 1 or cfg.SOLVER.BATCH_SIZE % self.dist.world_size:
             raise UserError(f"SOLVER.BATCH_SIZE {cfg.SOLVER.BATCH_SIZE} must be a positive multiple of the "
                             f"{self.dist.world_size} processes")
-        seed_everything(cfg.SEED + self.dist.rank)
 
         on_device = cfg.DATA.AUGMENT_ON == "device"  # workers crop and draw; to_device applies the rest
         self.device_augment = (DeviceAugmentation(self.device, IMAGENET_MEAN, IMAGENET_STD, BLUR_SIGMA[1])
@@ -198,6 +199,7 @@ class Pretrainer:
                             f"batch (SOLVER.BATCH_SIZE {cfg.SOLVER.BATCH_SIZE}); lower the batch size")
         check_train_images(self.dataset.files, cfg, self.dist)
         self.knn_sets = knn_folders(cfg)
+        refuse_on_cpu(paper_scale(cfg), allow_cpu)  # after the input checks: those name what to fix first
         self.sampler: DistributedSampler = DistributedSampler(self.dataset, num_replicas=self.dist.world_size,
                                           rank=self.dist.rank, shuffle=True, seed=cfg.SEED, drop_last=True)
         self.steps_per_epoch = len(self.sampler) // self.per_process_batch
@@ -353,5 +355,7 @@ class Pretrainer:
         return self.history
 
 
-def run_pretrain(cfg) -> list:
-    return Pretrainer(cfg).run()
+def run_pretrain(cfg, allow_cpu: bool = True) -> list:
+    """Train ``cfg``; ``allow_cpu`` False refuses a paper-scale run on a machine without CUDA (the CLI's
+    default, ``--allow-cpu`` lifts it)."""
+    return Pretrainer(cfg, allow_cpu=allow_cpu).run()

@@ -163,21 +163,28 @@ def test_the_padding_benchmark_pairs_seeds_across_setups(synthetic, r18_pkl, tmp
     assert record["paired_difference"]["bbox/AP"] == {"mean": 0.0, "std": None, "n": 1}  # same seed, same AP
 
 
-def test_a_paper_scale_run_on_a_cpu_is_refused_unless_allowed(tmp_path, capsys, monkeypatch):
+@pytest.mark.slow
+def test_a_paper_scale_run_on_a_cpu_is_refused_unless_allowed(synthetic, tmp_path, capsys, monkeypatch):
     import torch
 
+    from pretrain.config import load_cfg, paper_scale
+    from simsiam_transfer.cpu_guard import refuse_on_cpu
+    from simsiam_transfer.errors import UserError
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert cli_main("pretrain", "--config", "pretrain/simsiam_R_50_100ep_b512.yaml", "OUTPUT_DIR", tmp_path / "p") == 2
+    assert cli_main("pretrain", "--config", "pretrain/simsiam_R_50_100ep_b512.yaml", "DATA.TRAIN_DIR",
+                    synthetic / "unlabeled", "SOLVER.BATCH_SIZE", 32, "OUTPUT_DIR", tmp_path / "p") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "MODEL.BACKBONE resnet50 on 224-px crops is a paper-scale pretraining" in err[0]
     assert "--allow-cpu" in err[0] and not (tmp_path / "p").exists()
     assert cli_main("pipeline", "--config", "pipeline/table5.yaml", "OUTPUT_DIR", tmp_path / "t") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ROWS.simsiam_base: MODEL.BACKBONE resnet50" in err[0] and not (tmp_path / "t").exists()
-    # With --allow-cpu the same run goes on to its next check (here: no training images).
-    assert cli_main("pretrain", "--config", "pretrain/simsiam_R_50_100ep_b512.yaml", "OUTPUT_DIR", tmp_path / "p",
-                    "--allow-cpu") == 2
-    assert "paper-scale" not in capsys.readouterr().err
-    # The mini configs are unaffected; a dry run plans protocol-scale sweeps anywhere.
+    paper = load_cfg("pretrain/simsiam_R_50_100ep_b512.yaml")
+    with pytest.raises(UserError, match="paper-scale"):
+        refuse_on_cpu(paper_scale(paper), allow_cpu=False)
+    refuse_on_cpu(paper_scale(paper), allow_cpu=True)  # --allow-cpu: runs
+    assert paper_scale(load_cfg("pretrain/simsiam_R_18_mini.yaml")) is None  # the mini configs are unaffected
+    # A dry run plans protocol-scale sweeps anywhere.
     assert cli_main("bench", "--benchmark", "voc07", "--weights", "none", "--output-dir", tmp_path / "b",
                     "--dry-run", "--assume-gpus", "8") == 0
