@@ -65,7 +65,8 @@ def model_settings_changed(saved_config_text, cfg):
     """MODEL.* keys whose value differs between a checkpoint's config and ``cfg``."""
     doc = parse_yaml(str(saved_config_text), "the resume checkpoint's config")
     saved = doc.get("MODEL") if isinstance(doc, dict) else None
-    saved = saved if isinstance(saved, dict) else {}
+    saved = dict(saved) if isinstance(saved, dict) else {}
+    saved.setdefault("METHOD", "simsiam")  # checkpoints from before MODEL.METHOD existed were SimSiam's
     return sorted(f"MODEL.{k}: {saved.get(k)!r} -> {v!r}" for k, v in cfg.MODEL.items() if saved.get(k) != v)
 
 

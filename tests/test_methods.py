@@ -145,3 +145,16 @@ def test_supervised_pretraining_is_a_pretraining_like_any_other(synthetic, tmp_p
     # Four steps learn nothing: the converter says so against the loss of guessing, not SimSiam's scale.
     assert any("supervised loss never went below 0.8 x the loss of guessing" in w for w in report["warnings"])
     assert not any("SimSiam did not learn" in w for w in report["warnings"])
+
+
+def test_a_checkpoint_from_before_the_registry_resumes_as_simsiam():
+    from pretrain.config import get_cfg
+    from simsiam_transfer.pretrain_format import model_settings_changed
+
+    cfg = get_cfg()
+    old_text = cfg.dump().replace("  METHOD: simsiam\n", "")  # a config written before MODEL.METHOD existed
+    assert "METHOD" not in old_text
+    assert model_settings_changed(old_text, cfg) == []
+    cfg.defrost()
+    cfg.MODEL.METHOD = "supervised"
+    assert model_settings_changed(old_text, cfg) == ["MODEL.METHOD: 'simsiam' -> 'supervised'"]
