@@ -7,24 +7,15 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
 from conftest import REPO, cli_main
+from test_stopping import wait_until as _wait
 
 CLI = [sys.executable, "-m", "app.cli"]
 SHORT = ["SOLVER.MAX_ITER", "4", "SOLVER.STEPS", "(3,)", "SOLVER.WARMUP_ITERS", "2", "SOLVER.CHECKPOINT_PERIOD", "2",
          "TEST.PRECISE_BN.NUM_ITER", "2"]
-
-
-def _wait(condition, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _events(path):

@@ -2,45 +2,34 @@
 positive control through pretrain -> convert, and a method registered from this file run end to end."""
 
 import json
+import sys
 
 import pytest
 import torch
 import torchvision
 from torch import nn
 
-from conftest import cli_main
+from conftest import REPO, cli_main
 from pretrain.engine import train_step
 from pretrain.methods import METHODS, PretrainMethod, register_method
 from pretrain.methods.simsiam import SimSiamMethod
 
 
-class OfficialSimSiam(nn.Module):
-    """The official builder's structure (facebookresearch/simsiam ``simsiam/builder.py``), written from the
-    paper and the protocol notes: a torchvision ResNet with num_classes = dim and zero-init residuals, its fc
-    replaced by a 3-layer projector ending in the original fc (bias frozen) and an affine-free BN, and the
-    predictor fc-BN-ReLU-fc."""
-
-    def __init__(self, dim=64, pred_dim=16):
-        super().__init__()
-        self.encoder = torchvision.models.resnet18(num_classes=dim, zero_init_residual=True)
-        prev_dim = self.encoder.fc.weight.shape[1]
-        self.encoder.fc = nn.Sequential(nn.Linear(prev_dim, prev_dim, bias=False), nn.BatchNorm1d(prev_dim),
-                                        nn.ReLU(inplace=True), nn.Linear(prev_dim, prev_dim, bias=False),
-                                        nn.BatchNorm1d(prev_dim), nn.ReLU(inplace=True), self.encoder.fc,
-                                        nn.BatchNorm1d(dim, affine=False))
-        self.encoder.fc[6].bias.requires_grad = False
-        self.predictor = nn.Sequential(nn.Linear(dim, pred_dim, bias=False), nn.BatchNorm1d(pred_dim),
-                                       nn.ReLU(inplace=True), nn.Linear(pred_dim, dim))
-
-    def forward(self, x1, x2):
-        z1, z2 = self.encoder(x1), self.encoder(x2)
-        return self.predictor(z1), self.predictor(z2), z1.detach(), z2.detach()
+def official_simsiam(dim, pred_dim):
+    """The official builder's structure, as ``benchmarks/pretrain_step.py`` writes it from the paper and
+    the official code (its reference loop): one home for it."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from pretrain_step import OfficialStyleSimSiam
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return OfficialStyleSimSiam("resnet18", dim, pred_dim)
 
 
 def test_the_simsiam_method_equals_the_official_builder_bit_for_bit():
     torch.manual_seed(0)
     ours = SimSiamMethod("resnet18", dim=64, pred_dim=16)
-    official = OfficialSimSiam(dim=64, pred_dim=16)
+    official = official_simsiam(64, 16)
     official.load_state_dict(ours.state_dict())
     x1, x2 = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)
     opt = torch.optim.SGD(ours.parameters(), lr=0.0)
