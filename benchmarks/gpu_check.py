@@ -71,7 +71,7 @@ SIZES = {
         mask=("detection/COCO-InstanceSegmentation/mask_rcnn_R_50_C4_1x.yaml", 20, 4),
         resume=("resnet18", 32, 64, 4), timeout_scale=2.0),
     "smoke": dict(
-        data=dict(num_train=40, num_test=20, num_unlabeled=256, labeled_per_class=(10, 6)),
+        data=dict(num_train=40, num_test=20, num_unlabeled=256, labeled_per_class=(12, 6)),  # 36 >= one batch
         detector=(VOC_MINI, "1,2"),
         step=("resnet18", "32", "8", "2"),
         pretrain=["MODEL.BACKBONE", "resnet18", "MODEL.ZERO_INIT_RESIDUAL", False, "MODEL.DIM", 64,
