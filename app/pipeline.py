@@ -21,7 +21,7 @@ unfinished stage; ``pipeline.json`` records each stage's status. Layout::
     OUTPUT_DIR/rows/<row>/pretrain/           a row's pretraining run
     OUTPUT_DIR/rows/<row>/weights.pkl         its converted, verified weights (+ .report.json)
     OUTPUT_DIR/bench/<benchmark>/<row>/       one bench folder per benchmark and row
-    OUTPUT_DIR/report.md (+ report_ap_vs_lr.png)
+    OUTPUT_DIR/report.md (+ report_rows.png: AP per row; report_ap_vs_lr.png when an LR was searched)
 """
 
 import dataclasses
@@ -42,7 +42,7 @@ from detection.bench import Bench, finished_summary
 from detection.executors import cpu_thread_env
 from detection.finetune import build_cfg
 from detection.finetune import paper_scale as paper_scale_finetune
-from detection.report import load_benches, plot_ap_vs_lr, render
+from detection.report import load_benches, plot_ap_vs_lr, plot_rows, render
 from detection.spec import FinetuneJob, SweepSpec
 from pretrain import outputs as pretrain_outputs
 from pretrain.config import load_cfg as load_pretrain_cfg
@@ -79,6 +79,7 @@ _P.CONVERT.VERIFY = True
 _P.BENCH = CN()
 _P.BENCH.BENCHMARKS = ["voc07", "voc0712", "coco_1x"]
 _P.BENCH.TRIALS_PER_BENCHMARK = CN(new_allowed=True)  # e.g. {coco_1x: 1}: the paper averages only VOC
+_P.BENCH.SMOKE = []              # benchmarks run as smoke runs (SWEEP.SMOKE): reported as too short to rank
 # The detection stage's nodes, as they are: every sweep of the table takes them. The pipeline fills
 # FINETUNE.CONFIG (each benchmark), FINETUNE.WEIGHTS, SWEEP.NAME and SWEEP.OUTPUT_DIR (each row), and
 # FINETUNE.DATASETS with the generated data's catalog when DATA.SYNTHETIC is on and it is empty.
@@ -95,7 +96,7 @@ _MOVED = {"BENCH.LRS": "SWEEP.LRS", "BENCH.TRIALS": "SWEEP.TRIALS", "BENCH.SEARC
           "BENCH.SCALING": "FINETUNE.SCALING", "BENCH.CFG": "FINETUNE.CFG", "CPU_JOBS": "SWEEP.CPU_JOBS",
           "DATA.DATASETS": "FINETUNE.DATASETS", "DATA.DATA_ROOT": "FINETUNE.DATA_ROOT"}
 # Filled per row and benchmark; a pipeline config that sets them would be silently overwritten.
-_PER_SWEEP = ("FINETUNE.CONFIG", "FINETUNE.WEIGHTS", "SWEEP.NAME", "SWEEP.OUTPUT_DIR")
+_PER_SWEEP = ("FINETUNE.CONFIG", "FINETUNE.WEIGHTS", "SWEEP.NAME", "SWEEP.OUTPUT_DIR", "SWEEP.SMOKE")
 
 _ROW = CN()
 _ROW.NAME = ""                   # label in the report (default: the row id)
@@ -164,6 +165,9 @@ def _validate(cfg, source):
             raise UserError(f"{source}: BENCH.TRIALS_PER_BENCHMARK.{bm}: not in BENCH.BENCHMARKS")
         if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
             raise UserError(f"{source}: BENCH.TRIALS_PER_BENCHMARK.{bm} must be an integer >= 1, got {trials!r}")
+    for bm in cfg.BENCH.SMOKE:
+        if bm not in cfg.BENCH.BENCHMARKS:
+            raise UserError(f"{source}: BENCH.SMOKE {bm}: not in BENCH.BENCHMARKS")
     if cfg.PRETRAIN.EXECUTOR not in ("", *schema.EXECUTORS):
         raise UserError(f"{name('PRETRAIN.EXECUTOR')} {cfg.PRETRAIN.EXECUTOR!r}: use one of "
                         f"{', '.join(schema.EXECUTORS)}, or leave it empty for SWEEP.EXECUTOR")
@@ -438,6 +442,7 @@ class Pipeline:
             node.FINETUNE.DATASETS = str(self.data_dir / "datasets.yaml")
         node.SWEEP.NAME = row.name
         node.SWEEP.OUTPUT_DIR = str(self.bench_folder(benchmark, row))
+        node.SWEEP.SMOKE = benchmark in self.cfg.BENCH.SMOKE
         node.SWEEP.TRIALS = self.trials(benchmark) if not (row.sweep and "TRIALS" in row.sweep) else row.sweep.TRIALS
         node.SWEEP.CPU_JOBS = self.cpu_jobs() if node.SWEEP.EXECUTOR == "local" else 1
         node.freeze()
@@ -463,7 +468,9 @@ class Pipeline:
         text = render(benches, self.cfg.REPORT.FORMAT, per_trial=self.cfg.REPORT.PER_TRIAL,
                       reference=self.cfg.REPORT.REFERENCE or None)
         atomic.write_text(path, text)
-        plot_ap_vs_lr(benches, self.out / "report_ap_vs_lr.png")
+        plot_rows(benches, self.out / "report_rows.png", metric="bbox/AP50")
+        if any(len(b["summary"]["lr_search"]) > 1 for b in benches):
+            plot_ap_vs_lr(benches, self.out / "report_ap_vs_lr.png")
         print(text)
         return f"done ({path})"
 

@@ -151,7 +151,8 @@ class Bench:
             "overrides": flatten(self.spec.finetune.cfg) + list(self.spec.finetune.overrides),
             "datasets": self.spec.finetune.datasets, "data_root": self.spec.finetune.data_root,
             "executor": self.spec.executor.kind, "gpus_per_trial": gpus,
-            "column": column_label(self.cfg, batch, evaluators),
+            "column": column_label(self.cfg, batch, evaluators) + (f", {protocol.SMOKE_LABEL}" if self.spec.smoke else ""),
+            "smoke": self.spec.smoke,
             **batch.setup(), "steps": setup["steps"], "warmup_iters": setup["warmup_iters"],
         }
 

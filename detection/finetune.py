@@ -28,6 +28,7 @@ from detectron2.engine import default_setup, launch
 from detectron2.utils import comm
 
 from detection import batch_policy, protocol
+from detection.cpu_amp import training_precision
 from detection.datasets import check_dataset_contents, check_dataset_names, register_datasets
 from detection.job import Job, new_cfg, write_job
 from detection.spec import FinetuneJob
@@ -238,6 +239,7 @@ def write_metrics(cfg, job, batch, results, wall_time_s, storage=None):
         "norm": cfg.MODEL.RESNETS.NORM,
         "tf32": bool(cfg.SOLVER.TF32) and cfg.MODEL.DEVICE == "cuda",
         "amp": bool(cfg.SOLVER.AMP.ENABLED),
+        "precision": training_precision(cfg),  # what the forward ran in: AMP is bf16 or fp32 on a CPU
         **batch.setup(),
         "ims_per_batch": batch.effective_batch,
         "base_lr": batch.base_lr,

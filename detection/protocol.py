@@ -189,6 +189,9 @@ RULES = {
 # classification, and cannot rank backbones by what they know of the classes (docs/mini-benchmark.md).
 CLASSIFIER_METRIC = "train/fg_cls_accuracy"   # mean over the last 20 % of training iterations
 CLASSIFIER_MIN = 0.1
+# A smoke sweep (SWEEP.SMOKE) runs a schedule that proves the path but is too short to rank backbones:
+# its column says so once, and its cells carry no classifier warning.
+SMOKE_LABEL = "smoke run: too short to rank"
 
 
 def classifier_summary(records):
@@ -202,7 +205,7 @@ def classifier_summary(records):
 def classifier_warning(summary):
     """One line when the selected trials' box classifier never left the class prior, else None."""
     check = summary.get("classifier")
-    if not check or check["learned"]:
+    if not check or check["learned"] or summary.get("smoke"):
         return None
     return (f"{summary['name']} on {summary['benchmark']}: the box classifier never left the class prior "
             f"(foreground RoIs given their own class over the last 20 % of training: "
@@ -228,6 +231,7 @@ def build_summary(settings, records):
         "config": settings["config"],
         "weights": settings["weights"],
         "column": settings.get("column"),
+        "smoke": bool(settings.get("smoke")),
         "setup": {k: settings.get(k) for k in SETUP_FIELDS},
         "selected_lr": selected,
         "selected_effective_lr": None if selected is None else selected * (settings.get("lr_scale") or 1.0),

@@ -190,6 +190,11 @@ def _notes(benches, reference):
                      f"{100 * CLASSIFIER_MIN:.0f} % of foreground RoIs their own class ({shares}). Such a cell "
                      "scores proposals and boxes, not classification, and does not rank pre-trainings by what "
                      "they learned of the classes: fine-tune longer (SOLVER.MAX_ITER).")
+    smoke = [f"{b['summary']['name']} on {b['summary']['benchmark']}" for b in benches if b["summary"].get("smoke")]
+    if smoke:
+        notes.append(f"Smoke runs ({', '.join(smoke)}): a schedule that proves the fine-tuning and evaluation path "
+                     "(with masks on Mask R-CNN benchmarks) but is too short to rank pre-trainings; compare rows "
+                     "in the other columns.")
     notes += _bias_notes(benches) + _mixed_setup_notes(benches)
     non_finite = sum(len(b["summary"]["trials"]["non_finite"]) for b in benches)
     if non_finite:
@@ -404,6 +409,45 @@ def plot_ap_vs_lr(benches, path, metric=DEFAULT_METRIC):
         ax.set_ylabel(metric)
         ax.set_title(benchmark_title(bm))
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def _reported_values(bench, metric):
+    """The metric of each trial counted in the summary's cell (selected LR, reported trials)."""
+    s = bench["summary"]
+    return [r["metrics"][metric] for r in bench["records"]
+            if r["lr"] == s["selected_lr"] and r["trial"] in s["reported_trials"] and counts_as_done(r, metric)]
+
+
+def plot_rows(benches, path, metric=DEFAULT_METRIC):
+    """One panel per benchmark: each row's mean ± std at its selected LR as a bar, its trials as dots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys(b["summary"]["benchmark"] for b in benches))
+    names = list(dict.fromkeys(b["summary"]["name"] for b in benches))
+    fig, axes = plt.subplots(1, len(groups), figsize=(1.2 * len(names) * len(groups) + 1.5, 3.8), squeeze=False)
+    for ax, bm in zip(axes[0], groups):
+        smoke = False
+        for x, name in enumerate(names):
+            bench = next((b for b in benches if b["summary"]["benchmark"] == bm and b["summary"]["name"] == name), None)
+            if bench is None:
+                continue
+            smoke = smoke or bench["summary"].get("smoke")
+            stat = bench["summary"]["metrics"].get(metric)
+            if stat and stat["mean"] is not None:
+                ax.bar(x, stat["mean"], yerr=stat["std"] or 0, capsize=4, color=f"C{x}", alpha=0.6)
+            values = _reported_values(bench, metric)
+            ax.plot([x] * len(values), values, "o", color="black", markersize=3)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel(metric)
+        ax.set_title(benchmark_title(bm) + (" (smoke run)" if smoke else ""), fontsize=10)
     fig.tight_layout()
     with atomic.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

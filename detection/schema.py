@@ -44,6 +44,7 @@ SWEEP.SEARCH = "best-then-repeat"
 SWEEP.METRIC = protocol.DEFAULT_METRIC
 SWEEP.MAX_RETRIES = 1           # reruns of a failed trial
 SWEEP.KEEP_CHECKPOINTS = False  # keep finished trials' periodic checkpoints (else only model_final.pth)
+SWEEP.SMOKE = False             # a smoke run: proves the path; reports label its column "too short to rank"
 SWEEP.EXECUTOR = "local"        # local / slurm / submitit-local
 SWEEP.GPUS_PER_TRIAL = -1       # -1: every visible GPU locally (one trial at a time), 8 on Slurm; 0: CPU
 SWEEP.CPU_JOBS = 1              # without GPUs: trials (and the pipeline's pretrainings) side by side
@@ -112,6 +113,8 @@ BENCH_FLAGS = (
          "trials in parallel"),
     Flag(("--cpu-jobs",), "SWEEP.CPU_JOBS", "CPU-only trials side by side, each with cores/N threads (on 2 "
          "cores 2 single-thread mini trials finished 1.25x sooner than one after another)"),
+    Flag(("--smoke",), "SWEEP.SMOKE", "a smoke run: a schedule that proves the path but is too short to rank "
+         "backbones; reports label its column so", kind="switch"),
     Flag(("--executor",), "SWEEP.EXECUTOR", "where trials run", choices=EXECUTORS),
     Flag(("--slurm-partition",), "SWEEP.SLURM.PARTITION", "Slurm partition of the trial jobs"),
     Flag(("--slurm-time",), "SWEEP.SLURM.TIME_MIN", "minutes per trial job (a timed-out trial is requeued and "

@@ -99,6 +99,7 @@ class SweepSpec:
     executor: ExecutorOptions = ExecutorOptions()
     max_retries: int = 1
     keep_checkpoints: bool = False
+    smoke: bool = False  # reports label the column a smoke run, too short to rank
     # How errors found later (files, GPUs, metric) name a key: its flag, or ``source: KEY``.
     label: Callable[[str], str] = dataclasses.field(default=str, compare=False, repr=False)
 
@@ -112,7 +113,7 @@ class SweepSpec:
         return cls(
             finetune=job, output_dir=str(_abs(s.OUTPUT_DIR)), name=name,
             lrs=tuple(float(lr) for lr in s.LRS) or None, trials=s.TRIALS, search=s.SEARCH, metric=s.METRIC,
-            max_retries=s.MAX_RETRIES, keep_checkpoints=s.KEEP_CHECKPOINTS, label=label,
+            max_retries=s.MAX_RETRIES, keep_checkpoints=s.KEEP_CHECKPOINTS, smoke=s.SMOKE, label=label,
             executor=ExecutorOptions(kind=s.EXECUTOR, gpus_per_trial=None if s.GPUS_PER_TRIAL < 0 else s.GPUS_PER_TRIAL,
                                      cpu_jobs=s.CPU_JOBS, slurm_partition=s.SLURM.PARTITION or None,
                                      slurm_time_min=s.SLURM.TIME_MIN, slurm_cpus_per_gpu=s.SLURM.CPUS_PER_GPU,

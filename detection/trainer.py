@@ -10,6 +10,7 @@ from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 
+from detection.cpu_amp import cpu_step_trainer
 from simsiam_transfer import c4  # noqa: F401  (registers Res5ROIHeadsExtraNorm, the protocol's RoI head)
 from simsiam_transfer.versions import compiled_ops_available
 
@@ -33,11 +34,28 @@ class ProgressBar(HookBase):
         self._bar.close()
 
 
+def _with_amp(cfg, enabled: bool):
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.SOLVER.AMP.ENABLED = enabled
+    cfg.freeze()
+    return cfg
+
+
 class Trainer(DefaultTrainer):
     """COCO json sets get ``COCOEvaluator`` (fast C++ path only when compiled), VOC sets the VOC one.
     The final evaluation's results are kept in ``eval_results`` (a public attribute of ours)."""
 
     eval_results = None
+
+    def __init__(self, cfg):
+        cpu_amp = cfg.SOLVER.AMP.ENABLED and cfg.MODEL.DEVICE == "cpu"
+        # detectron2 would build its CUDA-only AMPTrainer: build the fp32 SimpleTrainer, then hand its
+        # model, loader and optimizer to the CPU autocast trainer.
+        super().__init__(_with_amp(cfg, False) if cpu_amp else cfg)
+        if cpu_amp:
+            self.cfg = _with_amp(self.cfg, True)  # detectron2's own (possibly rescaled) copy
+            self._trainer = cpu_step_trainer(self._trainer)
 
     def _evaluate(self):
         self.eval_results = self.test(self.cfg, self.model)

@@ -35,6 +35,7 @@ from pretrain.hooks import HookBase, default_hooks
 from pretrain.methods import PretrainMethod, build_method
 from pretrain.schedule import initial_lr
 from pretrain.targets import MovingAverageTargets, alternation
+from simsiam_transfer.bf16 import cpu_supports_bf16  # noqa: F401  (also imported from here)
 from simsiam_transfer.cpu_guard import refuse_on_cpu
 from simsiam_transfer.errors import UserError
 from simsiam_transfer.locks import folder_lock
@@ -74,11 +75,6 @@ class Precision:
     def grad_scaler(self) -> bool:
         """Only fp16 needs loss scaling; bf16 has fp32's exponent range."""
         return self.dtype == torch.float16
-
-
-def cpu_supports_bf16() -> bool:
-    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None) or getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(check and check())
 
 
 def cuda_supports_bf16(device: torch.device) -> bool:
