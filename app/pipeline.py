@@ -227,6 +227,44 @@ def pretrain_command(config_path, nproc: int) -> List[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *cli]
 
 
+def bench_command(config_path) -> List[str]:
+    """One row's sweep as its own process (rows side by side); the pipeline checked the scale already."""
+    return [sys.executable, "-m", "app.cli", "bench", "--config", str(config_path), "--allow-cpu"]
+
+
+def side_by_side_run(jobs, slots: int, what: str, on_done=None) -> Dict[str, int]:
+    """Run ``jobs`` ((id, command, log path or None), in order), at most ``slots`` at a time, each with its
+    share of the cores; a job with a log writes there, one without writes to this terminal. The next job
+    starts when one ends. Stopping the pipeline stops them all, and they keep what they finished (every
+    command here resumes). ``on_done(id, status)`` is called as each ends. Returns each job's exit status."""
+    children, queue, running, codes = Children(), list(jobs), [], {}
+    env = cpu_thread_env(slots) if slots > 1 else None
+    try:
+        while queue or running:
+            while queue and len(running) < slots:
+                job_id, command, log_path = queue.pop(0)
+                if log_path is None:
+                    proc = children.popen(command, env=env)
+                else:
+                    beside = len(running) + min(len(queue), slots - len(running) - 1)
+                    print(f"[pipeline] {what} {job_id}" + (f" beside {beside} other(s)" if beside else "")
+                          + f"; log: {log_path}", flush=True)
+                    with open(log_path, "a") as log:  # the child keeps its own handle
+                        proc = children.popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+                running.append((job_id, proc))
+            time.sleep(0.2)
+            for job_id, proc in [r for r in running if r[1].poll() is not None]:
+                running.remove((job_id, proc))
+                children.forget(proc)
+                codes[job_id] = proc.returncode
+                if on_done:
+                    on_done(job_id, proc.returncode)
+    except BaseException as exc:  # stopped: the children stop too, and keep their checkpoints
+        children.stop(signal_number(exc))
+        raise
+    return codes
+
+
 class Pipeline:
     def __init__(self, cfg, allow_cpu: bool = False):
         self.cfg = cfg
@@ -300,32 +338,16 @@ class Pipeline:
             return self._pretrain_as_jobs(todo)
         nproc = pretrain_processes(self.cfg.PRETRAIN.NPROC_PER_NODE)
         side_by_side = len(todo) > 1
-        running, children = [], Children()
-        try:
-            for row, cfg, config_path in todo:
-                log_path = None
-                if side_by_side:
-                    log_path = self.row_dir(row) / "pretrain.log"
-                    print(f"[pipeline] pretraining {row.id} beside {len(todo) - 1} other row(s); log: {log_path}",
-                          flush=True)
-                    with open(log_path, "a") as log:  # the child keeps its own handle
-                        proc = children.popen(pretrain_command(config_path, nproc), stdout=log,
-                                              stderr=subprocess.STDOUT, env=cpu_thread_env(len(todo)))
-                else:
-                    proc = children.popen(pretrain_command(config_path, nproc))
-                running.append((row, cfg, log_path, proc))
-            for *_, proc in running:
-                proc.wait()
-        except BaseException as exc:  # stopped: the pretrainings stop too, and keep their checkpoints
-            children.stop(signal_number(exc))
-            raise
-        for row, cfg, log_path, proc in running:
-            if proc.returncode:
-                where = f"its log: {log_path}" if log_path else "its error is above"
-                raise UserError(f"pretraining of row {row.id} stopped with exit {proc.returncode} ({where}); "
+        jobs = [(row.id, pretrain_command(config_path, nproc), self.row_dir(row) / "pretrain.log" if side_by_side
+                 else None) for row, _, config_path in todo]
+        codes = side_by_side_run(jobs, len(todo), "pretraining")
+        for row, cfg, _ in todo:
+            if codes[row.id]:
+                where = f"its log: {self.row_dir(row) / 'pretrain.log'}" if side_by_side else "its error is above"
+                raise UserError(f"pretraining of row {row.id} stopped with exit {codes[row.id]} ({where}); "
                                 f"fix it and run the pipeline again, it resumes from {cfg.OUTPUT_DIR}")
         each = f"{nproc} process{'es' if nproc > 1 else ''} each"
-        return f"done ({each}{', side by side' if side_by_side else ''}: {', '.join(r.id for r, *_ in running)})"
+        return f"done ({each}{', side by side' if side_by_side else ''}: {', '.join(r.id for r, *_ in todo)})"
 
     def pretrain_executor(self) -> str:
         return self.cfg.PRETRAIN.EXECUTOR or self.cfg.SWEEP.EXECUTOR
@@ -451,6 +473,56 @@ class Pipeline:
     def sweep_spec(self, benchmark: str, row: Row) -> SweepSpec:
         return SweepSpec.from_config(self.bench_node(benchmark, row), label=schema.namer("pipeline config"))
 
+    def bench_groups(self):
+        """(benchmark, rows) of each bench stage. Without GPUs, with ``SWEEP.CPU_JOBS`` N > 1 and local trials,
+        one stage runs every row's sweep of a benchmark, N sweeps side by side, each one trial at a time on
+        its share of the cores: the cores stay busy where one sweep alone would wait on its selecting trial
+        or last trial. Otherwise one stage per sweep, whose executor spreads the trials."""
+        rows = list(self.rows)
+        for bm in self.cfg.BENCH.BENCHMARKS:
+            local = all(self.bench_node(bm, row).SWEEP.EXECUTOR == "local" for row in rows)
+            if self.cpu_jobs() > 1 and local and len(rows) > 1:
+                yield bm, rows
+            else:
+                yield from ((bm, [row]) for row in rows)
+
+    def stage_bench_side_by_side(self, benchmark: str, rows: List[Row]):
+        """Every row's sweep of ``benchmark`` as its own ``bench`` process, ``SWEEP.CPU_JOBS`` at a time;
+        each logs to ``rows/<row>/bench_<benchmark>.log`` and resumes like any sweep."""
+        todo = [row for row in rows if finished_summary(self.sweep_spec(benchmark, row)) is None]
+        if not todo:
+            return "done earlier"
+        stem = Path(benchmark).stem
+        jobs = []
+        for row in todo:
+            node = self.bench_node(benchmark, row).clone()
+            node.defrost()
+            node.SWEEP.CPU_JOBS = 1  # one trial at a time in each sweep: the sweeps are what run side by side
+            path = self.row_dir(row) / f"bench_{stem}.yaml"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(path, node.dump())
+            jobs.append((row.id, bench_command(path), self.row_dir(row) / f"bench_{stem}.log"))
+        by_id = {row.id: row for row in todo}
+
+        def said(row_id, code):
+            summary = finished_summary(self.sweep_spec(benchmark, by_id[row_id])) if code == 0 else None
+            stat = ((summary or {}).get("metrics") or {}).get("bbox/AP50") or {}
+            result = f"exit {code}" if code else "done"
+            if stat.get("mean") is not None:
+                spread = f" ± {stat['std']:.1f}" if stat.get("std") is not None else ""
+                result += f", bbox/AP50 {stat['mean']:.1f}{spread} (n={stat['n']})"
+            print(f"[pipeline] bench {stem}: {row_id} {result}", flush=True)
+
+        codes = side_by_side_run(jobs, min(self.cpu_jobs(), len(jobs)), f"bench {stem}:", said)
+        for row in todo:
+            spec = self.sweep_spec(benchmark, row)
+            summary = finished_summary(spec)
+            if codes[row.id] or summary is None or summary["selected_lr"] is None:
+                raise UserError(f"bench {benchmark} / {row.id} stopped with exit {codes[row.id]} (its log: "
+                                f"{self.row_dir(row) / f'bench_{stem}.log'}); fix it and run the pipeline again, "
+                                f"it resumes from {spec.output_dir}")
+        return f"done ({len(todo)} sweeps, {min(self.cpu_jobs(), len(todo))} side by side)"
+
     def stage_bench(self, benchmark: str, row: Row):
         spec = self.sweep_spec(benchmark, row)
         summary = finished_summary(spec)
@@ -489,8 +561,12 @@ class Pipeline:
         for row in self.rows:
             if not row.scratch:
                 plan.append((f"convert:{row.id}", lambda row=row: self.stage_convert(row)))
-        for bm, row, _ in self.bench_jobs():
-            plan.append((f"bench:{bm}:{row.id}", lambda bm=bm, row=row: self.stage_bench(bm, row)))
+        for bm, rows in self.bench_groups():
+            if len(rows) == 1:
+                plan.append((f"bench:{bm}:{rows[0].id}", lambda bm=bm, row=rows[0]: self.stage_bench(bm, row)))
+            else:
+                plan.append((f"bench:{bm}:{'+'.join(r.id for r in rows)}",
+                             lambda bm=bm, rows=rows: self.stage_bench_side_by_side(bm, rows)))
         plan.append(("report", self.stage_report))
         return plan
 

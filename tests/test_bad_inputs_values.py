@@ -397,6 +397,19 @@ def _(c):
     return ["pipeline", "--config", cfg], [str(cfg), "BENCH.BENCHMARKS", "element 0 is int 7"]
 
 
+@case("config/pipeline smoke benchmark not benchmarked")
+def _(c):
+    cfg = c.file("pipe.yaml", "OUTPUT_DIR: x\nROWS:\n  s:\n    WEIGHTS: none\nBENCH:\n  BENCHMARKS: [voc07_mini]\n"
+                              "  SMOKE: [coco_1x_mini]\n")
+    return ["pipeline", "--config", cfg], [str(cfg), "BENCH.SMOKE coco_1x_mini: not in BENCH.BENCHMARKS"]
+
+
+@case("config/pipeline SWEEP.SMOKE set for every benchmark")
+def _(c):
+    cfg = c.file("pipe.yaml", "OUTPUT_DIR: x\nROWS:\n  s:\n    WEIGHTS: none\nSWEEP:\n  SMOKE: True\n")
+    return ["pipeline", "--config", cfg], ["SWEEP.SMOKE", "the pipeline sets it for each row and benchmark"]
+
+
 @case("config/pipeline row pretraining keys of the wrong type")
 def _(c):
     cfg = c.file("pipe.yaml", "OUTPUT_DIR: x\nROWS:\n  r:\n    PRETRAIN:\n      CONFIG: pretrain/simsiam_R_18_mini.yaml\n"

@@ -36,8 +36,15 @@ def test_shipped_config_loads_through_its_stage_loader(name):
         from app.pipeline import Pipeline, load_pipeline_cfg
 
         pipeline = Pipeline(load_pipeline_cfg(name))
-        if name.endswith("mini_long.yaml"):  # long enough for the box classifier to learn (docs/mini-benchmark.md)
-            assert pipeline.cfg.FINETUNE.CFG.SOLVER.MAX_ITER == 600 and len(pipeline.rows) == 3
+        if name.endswith("pipeline/mini.yaml"):  # the demo: a positive control, and the COCO column a smoke run
+            assert [r.id for r in pipeline.rows] == ["scratch", "supervised", "simsiam", "simsiam_no_sg"]
+            voc, coco = (pipeline.sweep_spec(bm, pipeline.rows[0]) for bm in ("voc07_mini", "coco_1x_mini"))
+            assert (voc.trials, voc.smoke, coco.trials, coco.smoke) == (3, False, 1, True)
+            assert pipeline.pretrain_cfg(pipeline.rows[1]).DATA.TRAIN_DIR.endswith("labeled/train")
+        if name.endswith("mini_long.yaml"):  # the LR search and 5 trials on VOC; COCO stays a smoke run
+            spec = pipeline.sweep_spec("voc07_mini", pipeline.rows[0])
+            assert spec.lrs == (0.02, 0.05, 0.1) and spec.trials == 5 and not spec.smoke
+            assert pipeline.sweep_spec("coco_1x_mini", pipeline.rows[0]).smoke
         for row in pipeline.rows:  # each row's pretraining config, nested keys included
             if row.pretrained_here:
                 assert pipeline.pretrain_cfg(row).is_frozen()

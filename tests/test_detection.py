@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import cli_main, run_cli
+from simsiam_transfer.bf16 import cpu_supports_bf16
 from simsiam_transfer.errors import UserError
 
 MINI = {
@@ -184,10 +185,11 @@ def test_voc_faster_rcnn_trains_and_the_voc_evaluator_reports_ap(synthetic, r18_
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("bbox/AP", "bbox/AP50", "bbox/AP75"):
         assert 0.0 <= metrics[key] <= 100.0
-    assert (metrics["ims_per_batch"], metrics["base_lr"], metrics["max_iter"]) == (2, 0.01, 8)
+    assert (metrics["ims_per_batch"], metrics["base_lr"], metrics["max_iter"]) == (2, 0.025, 8)
     assert metrics["seed"] == 7 and len(metrics["config_hash"]) == 16 and metrics["versions"]["detectron2"]
     assert metrics["norm"] == "BN" and metrics["world_size"] == 1 and metrics["scaling"] == "linear"
-    assert metrics["tf32"] is False and metrics["amp"] is False  # precision provenance (SOLVER.TF32 off on CPU)
+    assert metrics["tf32"] is False and metrics["amp"] is True  # precision provenance (SOLVER.TF32 off on CPU;
+    assert metrics["precision"] == ("bf16" if cpu_supports_bf16() else "fp32")  # the mini configs' CPU AMP)
     assert metrics["bn_group"] == 2 and "batch 2 != 4" in metrics["flags"]
     assert 0.0 <= metrics["train/fg_cls_accuracy"] <= 1.0  # detectron2's own training statistic, kept
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]

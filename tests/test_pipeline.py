@@ -63,13 +63,23 @@ def test_cpu_jobs_pretrain_rows_and_trials_side_by_side(monkeypatch, tmp_path):
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     one = Pipeline(load_pipeline_cfg("pipeline/mini.yaml", ["SWEEP.CPU_JOBS", "1"]))
-    assert [n for n, _ in one.stages() if n.startswith("pretrain")] == ["pretrain:simsiam", "pretrain:simsiam_no_sg"]
+    assert [n for n, _ in one.stages() if n.startswith("pretrain")] == ["pretrain:supervised", "pretrain:simsiam",
+                                                                         "pretrain:simsiam_no_sg"]
     assert one.sweep_spec("voc07_mini", one.rows[0]).executor.cpu_jobs == 1
+    assert [n for n, _ in one.stages() if n.startswith("bench:voc07")] == [
+        "bench:voc07_mini:scratch", "bench:voc07_mini:supervised", "bench:voc07_mini:simsiam",
+        "bench:voc07_mini:simsiam_no_sg"]
     two = Pipeline(load_pipeline_cfg("pipeline/mini.yaml", ["SWEEP.CPU_JOBS", "2"]))
-    assert [n for n, _ in two.stages() if n.startswith("pretrain")] == ["pretrain:simsiam+simsiam_no_sg"]
+    assert [n for n, _ in two.stages() if n.startswith("pretrain")] == ["pretrain:supervised+simsiam",
+                                                                         "pretrain:simsiam_no_sg"]
     assert two.sweep_spec("voc07_mini", two.rows[0]).executor.cpu_jobs == 2
+    # Rows' sweeps side by side: one stage per benchmark.
+    assert [n for n, _ in two.stages() if n.startswith("bench")] == [
+        "bench:voc07_mini:scratch+supervised+simsiam+simsiam_no_sg",
+        "bench:coco_1x_mini:scratch+supervised+simsiam+simsiam_no_sg"]
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # GPU machines: GPUs set the parallelism
     assert two.sweep_spec("voc07_mini", two.rows[0]).executor.cpu_jobs == 1
+    assert len([n for n, _ in two.stages() if n.startswith("bench")]) == 8
     with pytest.raises(UserError, match="SWEEP.CPU_JOBS 0: must be an integer >= 1"):
         load_pipeline_cfg("pipeline/mini.yaml", ["SWEEP.CPU_JOBS", "0"])
 
@@ -106,13 +116,14 @@ def test_a_sweep_typo_fails_in_one_line_before_any_stage_runs(tmp_path, capsys, 
 def test_the_pipeline_and_bench_build_the_same_sweep_spec(tmp_path):
     from app.cli import build_parser, sweep_spec_from_args
 
-    path = _write(tmp_path, f"_BASE_: {MINI}\nFINETUNE:\n  CFG: {{SOLVER: {{MAX_ITER: 8}}}}\n")
+    path = _write(tmp_path, f"_BASE_: {MINI}\nFINETUNE:\n  CFG: {{SOLVER: {{MAX_ITER: 8}}}}\nSWEEP: {{LRS: [0.02, 0.05]}}\n")
     pipeline = Pipeline(load_pipeline_cfg(path, ["OUTPUT_DIR", str(tmp_path / "out")]))
-    row = pipeline.rows[1]
+    row = pipeline.rows[2]
     sweep = _write(tmp_path, "FINETUNE:\n  CFG: {SOLVER: {MAX_ITER: 8}}\n", "sweep.yaml")
     argv = ["bench", "--config", str(sweep), "--benchmark", "coco_1x_mini",
             "--weights", str(tmp_path / "out/rows/simsiam/weights.pkl"), "--name", "SimSiam R18 (mini)",
-            "--output-dir", str(tmp_path / "out/bench/coco_1x_mini/simsiam"), "--lrs", "0.02,0.05", "--trials", "3",
+            "--output-dir", str(tmp_path / "out/bench/coco_1x_mini/simsiam"), "--lrs", "0.02,0.05", "--trials", "1",
+            "--smoke",
             "--search", "best-then-repeat", "--gpus-per-trial", "0",
             "--datasets", str(tmp_path / "out/data/datasets.yaml"), "--cpu-jobs", str(pipeline.cpu_jobs())]
     spec = pipeline.sweep_spec("coco_1x_mini", row)
@@ -191,6 +202,40 @@ FINETUNE:
     assert state["pretrain:simsiam"]["status"] == "done earlier"
     assert state["convert:simsiam"]["status"] == "done earlier"
     assert "running (attempt" not in again.stdout
+
+
+@pytest.mark.slow
+def test_rows_sweeps_run_side_by_side_each_in_its_log_and_resume(tmp_path):
+    """SWEEP.CPU_JOBS 2 without GPUs: two rows' sweeps as two bench processes, one trial at a time each."""
+    path = _write(tmp_path, """DATA: {SYNTHETIC: True, SYNTHETIC_SIZE: {NUM_TRAIN: 16, NUM_TEST: 8, NUM_UNLABELED: 8}}
+ROWS:
+  a: {NAME: "scratch a", WEIGHTS: "none"}
+  b: {NAME: "scratch b", WEIGHTS: "none", SWEEP: {TRIALS: 1}}
+BENCH: {BENCHMARKS: ["voc07_mini"]}
+SWEEP: {GPUS_PER_TRIAL: 0, LRS: [0.02], TRIALS: 2, CPU_JOBS: 2}
+FINETUNE:
+  CFG:
+    SOLVER: {MAX_ITER: 2, STEPS: [1], WARMUP_ITERS: 1, CHECKPOINT_PERIOD: 2}
+    TEST: {PRECISE_BN: {NUM_ITER: 1}}
+""")
+    out = tmp_path / "out"
+    proc = run_cli("pipeline", "--config", path, "OUTPUT_DIR", out, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    state = json.loads((out / "pipeline.json").read_text())["stages"]
+    assert state["bench:voc07_mini:a+b"]["status"] == "done (2 sweeps, 2 side by side)"
+    assert "[pipeline] bench voc07_mini: a beside 1 other(s); log:" in proc.stdout
+    assert "[pipeline] bench voc07_mini: b done, bbox/AP50" in proc.stdout
+    for row, trials in (("a", 2), ("b", 1)):
+        log = (out / f"rows/{row}/bench_voc07_mini.log").read_text()
+        assert f"[bench] trials: {trials} done, 0 failed" in log
+        summary = json.loads((out / f"bench/voc07_mini/{row}/summary.json").read_text())
+        assert summary["metrics"]["bbox/AP50"]["n"] == trials and summary["name"] == f"scratch {row}"
+        ran = [json.loads(line) for line in (out / f"bench/voc07_mini/{row}/runs.jsonl").read_text().splitlines()]
+        assert {r.get("cpu_threads") for r in ran if r["status"] == "done"} == {1}  # each sweep: its share
+    assert "scratch a" in (out / "report.md").read_text() and (out / "report_rows.png").is_file()
+    again = run_cli("pipeline", "--config", path, "OUTPUT_DIR", out, cwd=REPO)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((out / "pipeline.json").read_text())["stages"]["bench:voc07_mini:a+b"]["status"] == "done earlier"
 
 
 def test_a_labeled_method_s_row_pretrains_on_the_labeled_folders(tmp_path):

@@ -259,6 +259,34 @@ def test_a_box_classifier_still_at_the_class_prior_is_flagged_in_bench_and_repor
     assert "†" not in render([ok], "md")
 
 
+def test_a_smoke_column_is_labelled_once_and_its_cells_carry_no_classifier_mark(tmp_path):
+    from PIL import Image
+
+    from detection.report import plot_rows, render
+
+    def bench(name, smoke, fg, values):
+        settings = dict(_settings(), name=name, smoke=smoke,
+                        column="synthetic_voc_test, VOC07 11-point AP, Faster R-CNN R18-C4 140 it"
+                               + (f", {protocol.SMOKE_LABEL}" if smoke else ""))
+        records = [_rec(0.05, t, v) for t, v in enumerate(values)]
+        for r in records:
+            r["metrics"][protocol.CLASSIFIER_METRIC] = fg
+        return {"dir": name, "settings": settings, "records": records, "summary": protocol.build_summary(settings, records)}
+
+    smoke = bench("R18", True, 0.0, [2.0, 3.0])
+    assert smoke["summary"]["smoke"] and protocol.classifier_warning(smoke["summary"]) is None
+    table = render([smoke], "md")
+    assert "140 it, smoke run: too short to rank) AP50 / AP / AP75" in table
+    assert "†" not in table and "Smoke runs (R18 on voc07_mini)" in table
+    stuck = bench("R18", False, 0.0, [2.0, 3.0])  # the same cells, not a smoke run: marked
+    assert "(n=2) †" in render([stuck], "md")
+
+    path = tmp_path / "rows.png"
+    plot_rows([smoke, bench("R50", False, 0.5, [4.0, 5.0])], path, metric="bbox/AP")
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width > 200
+
+
 # -- resume guard --------------------------------------------------------------------------------
 def test_a_folder_checkpointed_under_another_schedule_is_refused(tmp_path):
     from detection.finetune import SCHEDULE, check_resume
