@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torchvision
@@ -237,7 +237,9 @@ def side_by_side_run(jobs, slots: int, what: str, on_done=None) -> Dict[str, int
     share of the cores; a job with a log writes there, one without writes to this terminal. The next job
     starts when one ends. Stopping the pipeline stops them all, and they keep what they finished (every
     command here resumes). ``on_done(id, status)`` is called as each ends. Returns each job's exit status."""
-    children, queue, running, codes = Children(), list(jobs), [], {}
+    children, queue = Children(), list(jobs)
+    running: List[Tuple[str, subprocess.Popen]] = []
+    codes: Dict[str, int] = {}
     env = cpu_thread_env(slots) if slots > 1 else None
     try:
         while queue or running:
