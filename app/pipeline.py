@@ -491,7 +491,8 @@ class Pipeline:
     def stage_bench_side_by_side(self, benchmark: str, rows: List[Row]):
         """Every row's sweep of ``benchmark`` as its own ``bench`` process, ``SWEEP.CPU_JOBS`` at a time;
         each logs to ``rows/<row>/bench_<benchmark>.log`` and resumes like any sweep."""
-        todo = [row for row in rows if finished_summary(self.sweep_spec(benchmark, row)) is None]
+        specs = {row.id: self.sweep_spec(benchmark, row) for row in rows}
+        todo = [row for row in rows if finished_summary(specs[row.id]) is None]
         if not todo:
             return "done earlier"
         stem = Path(benchmark).stem
@@ -504,11 +505,11 @@ class Pipeline:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic.write_text(path, node.dump())
             jobs.append((row.id, bench_command(path), self.row_dir(row) / f"bench_{stem}.log"))
-        by_id = {row.id: row for row in todo}
+        summaries = {}
 
         def said(row_id, code):
-            summary = finished_summary(self.sweep_spec(benchmark, by_id[row_id])) if code == 0 else None
-            stat = ((summary or {}).get("metrics") or {}).get("bbox/AP50") or {}
+            summaries[row_id] = finished_summary(specs[row_id]) if code == 0 else None
+            stat = ((summaries[row_id] or {}).get("metrics") or {}).get("bbox/AP50") or {}
             result = f"exit {code}" if code else "done"
             if stat.get("mean") is not None:
                 spread = f" ± {stat['std']:.1f}" if stat.get("std") is not None else ""
@@ -517,12 +518,11 @@ class Pipeline:
 
         codes = side_by_side_run(jobs, min(self.cpu_jobs(), len(jobs)), f"bench {stem}:", said)
         for row in todo:
-            spec = self.sweep_spec(benchmark, row)
-            summary = finished_summary(spec)
+            summary = summaries[row.id]
             if codes[row.id] or summary is None or summary["selected_lr"] is None:
                 raise UserError(f"bench {benchmark} / {row.id} stopped with exit {codes[row.id]} (its log: "
                                 f"{self.row_dir(row) / f'bench_{stem}.log'}); fix it and run the pipeline again, "
-                                f"it resumes from {spec.output_dir}")
+                                f"it resumes from {specs[row.id].output_dir}")
         return f"done ({len(todo)} sweeps, {min(self.cpu_jobs(), len(todo))} side by side)"
 
     def stage_bench(self, benchmark: str, row: Row):

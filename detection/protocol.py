@@ -108,6 +108,12 @@ def reported_trial(record, mode):
     return not (mode == "best-then-repeat-independent" and record["trial"] == 0)
 
 
+def reported_records(records, selected, metric, search):
+    """The trials a cell counts: done at the selected LR with a finite ``metric``, trial 0 left out by the
+    independent search."""
+    return [r for r in records if r["lr"] == selected and counts_as_done(r, metric) and reported_trial(r, search)]
+
+
 def counts_as_done(record, metric):
     """Done with a finite selection metric; a NaN/inf (or missing) metric counts as failed."""
     return record["status"] == "done" and is_finite((record.get("metrics") or {}).get(metric))
@@ -222,8 +228,7 @@ def build_summary(settings, records):
     by_lr = per_lr_stats(records, present, metric)
     judged_by = selection_values(records, metric, settings["lrs"], search)
     selected = select_lr(records, metric, settings["lrs"], search)
-    at_selected = [r for r in records if r["lr"] == selected and counts_as_done(r, metric)
-                   and reported_trial(r, search)]
+    at_selected = reported_records(records, selected, metric, search)
     non_finite = [r["id"] for r in records if r["status"] == "done" and not counts_as_done(r, metric)]
     return {
         "name": settings["name"],

@@ -18,7 +18,8 @@ from pathlib import Path
 from detection.batch_policy import SETUP_FIELDS
 from detection.protocol import selection_bias
 from detection.protocol import (CELL_METRICS, CLASSIFIER_METRIC, CLASSIFIER_MIN, DEFAULT_METRIC, REPORTED_METRICS,
-                                RULES, TASKS, build_summary, classifier_warning, counts_as_done)
+                                RULES, TASKS, build_summary, classifier_warning, counts_as_done,
+                                reported_records)
 from detection.runstore import RunStore
 from simsiam_transfer import atomic
 from simsiam_transfer.errors import UserError
@@ -389,12 +390,25 @@ def _latex(headers, body, paper, diffs, benches, per_trial, reference):
     return "\n".join(lines) + "\n"
 
 
-def plot_ap_vs_lr(benches, path, metric=DEFAULT_METRIC):
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_png(plt, fig, path):
+    """The figure as a PNG at ``path``, written atomically, then closed."""
+    fig.tight_layout()
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def plot_ap_vs_lr(benches, path, metric=DEFAULT_METRIC):
+    plt = _pyplot()
     groups = list(dict.fromkeys(b["summary"]["benchmark"] for b in benches))
     fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.5), squeeze=False)
     for ax, bm in zip(axes[0], groups):
@@ -409,26 +423,19 @@ def plot_ap_vs_lr(benches, path, metric=DEFAULT_METRIC):
         ax.set_ylabel(metric)
         ax.set_title(benchmark_title(bm))
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    _save_png(plt, fig, path)
 
 
 def _reported_values(bench, metric):
-    """The metric of each trial counted in the summary's cell (selected LR, reported trials)."""
+    """``metric`` of each trial the summary's cell counts (``protocol.reported_records``)."""
     s = bench["summary"]
-    return [r["metrics"][metric] for r in bench["records"]
-            if r["lr"] == s["selected_lr"] and r["trial"] in s["reported_trials"] and counts_as_done(r, metric)]
+    counted = reported_records(bench["records"], s["selected_lr"], s["selection"]["metric"], s["selection"]["search"])
+    return [r["metrics"][metric] for r in counted if counts_as_done(r, metric)]
 
 
 def plot_rows(benches, path, metric=DEFAULT_METRIC):
     """One panel per benchmark: each row's mean ± std at its selected LR as a bar, its trials as dots."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     groups = list(dict.fromkeys(b["summary"]["benchmark"] for b in benches))
     names = list(dict.fromkeys(b["summary"]["name"] for b in benches))
     fig, axes = plt.subplots(1, len(groups), figsize=(1.2 * len(names) * len(groups) + 1.5, 3.8), squeeze=False)
@@ -448,10 +455,7 @@ def plot_rows(benches, path, metric=DEFAULT_METRIC):
         ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
         ax.set_ylabel(metric)
         ax.set_title(benchmark_title(bm) + (" (smoke run)" if smoke else ""), fontsize=10)
-    fig.tight_layout()
-    with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    _save_png(plt, fig, path)
 
 
 def load_benches(dirs):

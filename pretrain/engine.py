@@ -35,7 +35,7 @@ from pretrain.hooks import HookBase, default_hooks
 from pretrain.methods import PretrainMethod, build_method
 from pretrain.schedule import initial_lr
 from pretrain.targets import MovingAverageTargets, alternation
-from simsiam_transfer.bf16 import cpu_supports_bf16  # noqa: F401  (also imported from here)
+from simsiam_transfer.bf16 import cpu_supports_bf16
 from simsiam_transfer.cpu_guard import refuse_on_cpu
 from simsiam_transfer.errors import UserError
 from simsiam_transfer.locks import folder_lock
