@@ -65,7 +65,7 @@ SIZES = {
                   "SOLVER.CHECKPOINT_PERIOD", 1000, "SOLVER.LOG_PERIOD", 20,
                   "DATA.CHECK_IMAGES", "never"],  # just generated; the scan would cost ~4 s per run
         no_sg_epochs=15, simsiam_epochs=(5, 200), supervised_workers=5,
-        # 900 iterations at batch 4 and the config's LR 0.05 (the CPU demo ranks at 500); 3 trials side by side.
+        # 900 iterations at batch 4 and the config's LR 0.02 (the CPU demo ranks at 500); 3 trials side by side.
         finetune=["SOLVER.MAX_ITER", 900, "SOLVER.STEPS", "(700,)", "SOLVER.WARMUP_ITERS", 50,
                   "SOLVER.CHECKPOINT_PERIOD", 10000, "DATALOADER.NUM_WORKERS", 1],
         mask=("detection/COCO-InstanceSegmentation/mask_rcnn_R_50_C4_1x.yaml", 20, 4),
