@@ -148,7 +148,7 @@ def stuck_scale_warnings(stats: dict, tolerance: float = STUCK_AT_ONE, decay_onl
         values = ", ".join(f"{stage} {s['mean']:.4f}" for stage, s in stats.items())
         return [f"residual-branch BN scales moved only as weight decay alone moves them (mean |gamma|: {values}; "
                 f"decay alone, from the LR schedule, SOLVER.WEIGHT_DECAY and SOLVER.MOMENTUM: {decay_only:.4f}): "
-                "the backbone got next to no gradient"]
+                "the residual branches got next to no gradient"]
     return []
 
 
@@ -185,7 +185,8 @@ def pretraining_check(stats: dict, history: Optional[list] = None, dim: int = 0,
                                                                                        method=method)
     checks = "MODEL.STOP_GRADIENT / MODEL.PREDICTOR" if method == "simsiam" else "the labels and SOLVER.*"
     advice = (f"train longer (more SOLVER.EPOCHS or images), raise SOLVER.BASE_LR, and check {checks}; "
-              f"fine-tuning this backbone measures its initialisation, not {method}") if problems else ""
+              f"until then its fine-tunes need not show what {method} learns") \
+        if problems else ""
     return {
         "ok": not problems, "problems": problems, "advice": advice,
         "best_loss": min((float(r["loss"]) for r in history), default=None) if history else None,
