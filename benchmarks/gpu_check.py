@@ -64,7 +64,7 @@ SIZES = {
                   "SOLVER.FIX_PRED_LR", True, "SOLVER.AMP", True, "DATA.NUM_WORKERS", 10, "MONITOR.KNN_K", 20,
                   "SOLVER.CHECKPOINT_PERIOD", 1000, "SOLVER.LOG_PERIOD", 20,
                   "DATA.CHECK_IMAGES", "never"],  # just generated; the scan would cost ~4 s per run
-        no_sg_epochs=15, simsiam_epochs=(5, 200), supervised_workers=5,
+        no_sg_epochs=15, simsiam_epochs=(5, 200), supervised_workers=5, supervised_warmup=2,
         # 900 iterations at batch 4 and the config's LR 0.02 (the CPU demo ranks at 500); 3 trials side by side.
         finetune=["SOLVER.MAX_ITER", 900, "SOLVER.STEPS", "(700,)", "SOLVER.WARMUP_ITERS", 50,
                   "SOLVER.CHECKPOINT_PERIOD", 10000, "DATALOADER.NUM_WORKERS", 1],
@@ -78,7 +78,7 @@ SIZES = {
                   "MODEL.PRED_DIM", 16, "DATA.IMAGE_SIZE", 32, "SOLVER.BATCH_SIZE", 32, "SOLVER.BASE_LR", 0.1,
                   "SOLVER.FIX_PRED_LR", True, "SOLVER.AMP", False, "DATA.NUM_WORKERS", 0, "MONITOR.KNN_K", 5,
                   "SOLVER.MAX_ITERS_PER_EPOCH", 2, "SOLVER.CHECKPOINT_PERIOD", 1000, "SOLVER.LOG_PERIOD", 1],
-        no_sg_epochs=1, simsiam_epochs=(2, 2), supervised_workers=0,
+        no_sg_epochs=1, simsiam_epochs=(2, 2), supervised_workers=0, supervised_warmup=0,
         finetune=["SOLVER.MAX_ITER", 3, "SOLVER.STEPS", "(2,)", "SOLVER.WARMUP_ITERS", 1,
                   "SOLVER.CHECKPOINT_PERIOD", 10000, "TEST.PRECISE_BN.NUM_ITER", 1],
         mask=("detection/COCO-InstanceSegmentation/mask_rcnn_R_18_C4_1x_mini.yaml", 2, 2),
@@ -454,6 +454,7 @@ def claim(check: Check, data: Path, gpus: int, main_pool, pool) -> dict:
         pending["supervised"] = main_pool.submit(pretrain, "supervised", PLAN["pretrain_no_stop_gradient"],
                                             "MODEL.METHOD", "supervised", "DATA.TRAIN_DIR", data / "labeled" / "train",
                                             "SOLVER.EPOCHS", sizes["no_sg_epochs"],
+                                            "SOLVER.WARMUP_EPOCHS", sizes["supervised_warmup"],
                                             "DATA.NUM_WORKERS", sizes["supervised_workers"])
     done = {name: future.result() for name, future in pending.items()}
     s_per_epoch = (done.get("no_stop_gradient") or {}).get("s_per_epoch") or PLAN["pretrain_no_stop_gradient"] / max(
