@@ -185,7 +185,7 @@ def test_voc_faster_rcnn_trains_and_the_voc_evaluator_reports_ap(synthetic, r18_
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("bbox/AP", "bbox/AP50", "bbox/AP75"):
         assert 0.0 <= metrics[key] <= 100.0
-    assert (metrics["ims_per_batch"], metrics["base_lr"], metrics["max_iter"]) == (2, 0.025, 8)
+    assert (metrics["ims_per_batch"], metrics["base_lr"], metrics["max_iter"]) == (2, 0.02 / 2, 8)  # voc07_mini: LR 0.02
     assert metrics["seed"] == 7 and len(metrics["config_hash"]) == 16 and metrics["versions"]["detectron2"]
     assert metrics["norm"] == "BN" and metrics["world_size"] == 1 and metrics["scaling"] == "linear"
     assert metrics["tf32"] is False and metrics["amp"] is True  # precision provenance (SOLVER.TF32 off on CPU;
