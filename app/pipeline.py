@@ -340,12 +340,12 @@ class Pipeline:
             return self._pretrain_as_jobs(todo)
         nproc = pretrain_processes(self.cfg.PRETRAIN.NPROC_PER_NODE)
         side_by_side = len(todo) > 1
-        jobs = [(row.id, pretrain_command(config_path, nproc), self.row_dir(row) / "pretrain.log" if side_by_side
-                 else None) for row, _, config_path in todo]
+        logs = {row.id: self.row_dir(row) / "pretrain.log" if side_by_side else None for row, *_ in todo}
+        jobs = [(row.id, pretrain_command(config_path, nproc), logs[row.id]) for row, _, config_path in todo]
         codes = side_by_side_run(jobs, len(todo), "pretraining")
         for row, cfg, _ in todo:
             if codes[row.id]:
-                where = f"its log: {self.row_dir(row) / 'pretrain.log'}" if side_by_side else "its error is above"
+                where = f"its log: {logs[row.id]}" if side_by_side else "its error is above"
                 raise UserError(f"pretraining of row {row.id} stopped with exit {codes[row.id]} ({where}); "
                                 f"fix it and run the pipeline again, it resumes from {cfg.OUTPUT_DIR}")
         each = f"{nproc} process{'es' if nproc > 1 else ''} each"

@@ -513,23 +513,22 @@ def main(argv=None):
     start = float(os.environ.get("GPU_CHECK_START", time.time()))
     import torch
 
-    if not torch.cuda.is_available() and not args.smoke:
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not gpus and not args.smoke:
         print("gpu_check: no CUDA device is visible; run it on the GPU machine, or with --smoke on a CPU",
               file=sys.stderr)
         return 3
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.work:
-        return run_checks(args, out, Path(args.work), start)
+        return run_checks(args, out, Path(args.work), start, gpus)
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as scratch:
-        return run_checks(args, out, Path(scratch), start)
+        return run_checks(args, out, Path(scratch), start, gpus)
 
 
-def run_checks(args, out: Path, work: Path, start: float) -> int:
-    import torch
-
+def run_checks(args, out: Path, work: Path, start: float, gpus: int) -> int:
+    """Every check, with data and runs under ``work``; results in ``out``. Returns the exit status."""
     check = Check(out, work, args.smoke, start)
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     environment(check)
     data = make_data(check)
     measurements(check, data, gpus)
